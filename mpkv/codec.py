@@ -1,0 +1,226 @@
+"""Record codecs: how operations become bytes in a segment, and back.
+
+Two codecs share one interface. ``binary`` frames every record with its length and a
+CRC-32 so a torn or damaged record is always detected; ``text`` is the exact
+human-readable log of the original problem (``P|key|value\\n``, ``D|key\\n``), which has
+no framing beyond the newline. See docs/format.md for the byte layout.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Union
+
+Value = Union[str, bytes]
+#: One mutation: ``(key, value)``, value ``None`` for a delete.
+Op = tuple[str, Union[Value, None]]
+
+
+@dataclass
+class Decoded:
+    """What a codec found in a buffer: complete records, and where (if) it stopped early."""
+
+    batches: list[list[Op]] = field(default_factory=list)
+    #: end offset (in the buffer) of each batch, so readers can stop at any record boundary
+    ends: list[int] = field(default_factory=list)
+    #: size units (bytes, or characters for text) of each batch
+    units: list[int] = field(default_factory=list)
+    #: offset of the first byte not decoded, == len(buf) when all was decoded
+    stop: int = 0
+    #: why decoding stopped before the end: "" when it did not
+    problem: str = ""
+    #: True when the stop can be a torn tail (an append cut short): nothing valid follows
+    torn: bool = False
+
+
+class Codec:
+    """Interface of a record codec."""
+
+    name = ""
+
+    def check(self, key: object, value: object, *, delete: bool = False) -> None:
+        """Raise TypeError/ValueError for a key or value this format cannot store."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be str, not {type(key).__name__}")
+        if not delete and not isinstance(value, (str, bytes)):
+            raise TypeError(f"value must be str or bytes, not {type(value).__name__}")
+        try:
+            key.encode("utf-8")
+            if isinstance(value, str):
+                value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"key or value is not encodable as UTF-8: {exc}") from None
+
+    def encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
+        """Encode ops as records ``(bytes, size units)``; a list of one record is atomic."""
+        raise NotImplementedError
+
+    def decode(self, buf: bytes) -> Decoded:
+        """Decode every complete, valid record at the start of ``buf``."""
+        raise NotImplementedError
+
+
+
+# --- binary -----------------------------------------------------------------------
+
+HEADER = struct.Struct("<IIB")  # crc32, payload length, record type
+ENTRY = struct.Struct("<BII")  # op, key length, value length
+RECORD_OPS = 1
+OP_PUT_STR, OP_PUT_BYTES, OP_DELETE = 1, 2, 3
+
+
+class BinaryCodec(Codec):
+    """Length-prefixed, CRC-32-checked records; one record may carry a whole transaction."""
+
+    name = "binary"
+
+    def encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
+        parts: list[bytes] = []
+        for key, value in ops:
+            k = key.encode("utf-8")
+            if value is None:
+                parts += (ENTRY.pack(OP_DELETE, len(k), 0), k)
+            elif isinstance(value, str):
+                v = value.encode("utf-8")
+                parts += (ENTRY.pack(OP_PUT_STR, len(k), len(v)), k, v)
+            else:
+                parts += (ENTRY.pack(OP_PUT_BYTES, len(k), len(value)), k, value)
+        payload = b"".join(parts)
+        body = struct.pack("<IB", len(payload), RECORD_OPS) + payload
+        record = struct.pack("<I", zlib.crc32(body)) + body
+        return [(record, len(record))]
+
+    def _record_end(self, buf: bytes, pos: int) -> tuple[int, str]:
+        """End offset of the valid record at ``pos``, or (-1, what is wrong with it)."""
+        n = len(buf)
+        if n - pos < HEADER.size:
+            return -1, "incomplete record header"
+        crc, length, rtype = HEADER.unpack_from(buf, pos)
+        end = pos + HEADER.size + length
+        if end > n:
+            return -1, f"record length {length} runs past the end of the data"
+        if zlib.crc32(memoryview(buf)[pos + 4 : end]) != crc:
+            return -1, "checksum mismatch"
+        if rtype != RECORD_OPS:
+            return -1, f"unknown record type {rtype}"
+        return end, ""
+
+    def _valid_at(self, buf: bytes, pos: int) -> bool:
+        end, _ = self._record_end(buf, pos)
+        return end > 0 and self._entries(buf, pos + HEADER.size, end) is not None
+
+    def _entries(self, buf: bytes, pos: int, end: int) -> list[Op] | None:
+        ops: list[Op] = []
+        try:
+            while pos < end:
+                op, klen, vlen = ENTRY.unpack_from(buf, pos)
+                pos += ENTRY.size
+                key = buf[pos : pos + klen].decode("utf-8")
+                pos += klen
+                raw = buf[pos : pos + vlen]
+                pos += vlen
+                if pos > end or op not in (OP_PUT_STR, OP_PUT_BYTES, OP_DELETE):
+                    return None
+                if op == OP_DELETE:
+                    ops.append((key, None))
+                elif op == OP_PUT_STR:
+                    ops.append((key, raw.decode("utf-8")))
+                else:
+                    ops.append((key, raw))
+        except (struct.error, UnicodeDecodeError):
+            return None
+        return ops
+
+    def decode(self, buf: bytes) -> Decoded:
+        out = Decoded()
+        pos, n = 0, len(buf)
+        while pos < n:
+            end, problem = self._record_end(buf, pos)
+            ops = self._entries(buf, pos + HEADER.size, end) if end > 0 else None
+            if ops is None:
+                out.problem = problem or "malformed entries in a record with a valid checksum"
+                # A crash can leave a partial or garbled last record, but nothing valid after it.
+                out.torn = not any(self._valid_at(buf, p) for p in range(pos + 1, n))
+                break
+            out.batches.append(ops)
+            out.ends.append(end)
+            out.units.append(end - pos)
+            pos = end
+        out.stop = pos
+        return out
+
+
+
+# --- text -------------------------------------------------------------------------
+
+
+class TextCodec(Codec):
+    """The exact log format of the original problem: one line per put or delete."""
+
+    name = "text"
+
+    def check(self, key: object, value: object, *, delete: bool = False) -> None:
+        super().check(key, value, delete=delete)
+        assert isinstance(key, str)
+        if "|" in key or "\n" in key:
+            raise ValueError(f"text format: key {key!r} contains '|' or a newline")
+        if not delete:
+            if isinstance(value, bytes):
+                raise ValueError("text format: values must be str, not bytes")
+            assert isinstance(value, str)
+            if "\n" in value:
+                raise ValueError(f"text format: value for key {key!r} contains a newline")
+
+    def encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
+        out = []
+        for key, value in ops:
+            assert not isinstance(value, bytes)
+            line = f"D|{key}\n" if value is None else f"P|{key}|{value}\n"
+            out.append((line.encode("utf-8"), len(line)))
+        return out
+
+    @staticmethod
+    def _parse(line: str) -> Op | None:
+        if line.startswith("P|"):
+            key, sep, value = line[2:].partition("|")
+            return (key, value) if sep else None
+        if line.startswith("D|") and "|" not in line[2:]:
+            return (line[2:], None)
+        return None
+
+    def decode(self, buf: bytes) -> Decoded:
+        out = Decoded()
+        cut = buf.rfind(b"\n") + 1
+        pos = 0
+        for raw in buf[:cut].split(b"\n")[:-1]:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = "\x00"  # not a valid line
+            op = self._parse(line)
+            if op is None:
+                out.problem = f"malformed line {line[:40]!r}"
+                break
+            pos += len(raw) + 1
+            out.batches.append([op])
+            out.ends.append(pos)
+            out.units.append(len(line) + 1)
+        else:
+            if cut < len(buf):
+                # Only a last line without its newline can be a torn append; a complete
+                # malformed line is damage wherever it is (text has no checksums).
+                out.problem, out.torn = "incomplete last line (no newline)", True
+        out.stop = pos
+        return out
+
+
+CODECS: dict[str, Codec] = {"binary": BinaryCodec(), "text": TextCodec()}
+
+
+def codec_for(name: str) -> Codec:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ValueError(f"format must be 'binary' or 'text', not {name!r}") from None

@@ -1,0 +1,260 @@
+"""The segment directory: file naming, store metadata, rotation and tailing.
+
+A store is a directory of append-only segment files whose names sort in log order:
+``000000000007.seg`` for the 7th segment appended, ``000000000005.0001.seg`` for the
+first file a compaction wrote to replace segments up to number 5 (it sorts just
+before ``000000000005.seg``, which it replaces). Everything else lives in ``.mpkv/``,
+so no other file can be taken for a segment. See docs/format.md and docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from .codec import Codec, Op, codec_for
+from .errors import CorruptionError, Error, FormatError
+
+AUX = ".mpkv"
+META = "meta"
+LOCK = "lock"
+SHM = "shm"
+MAGIC = "mpkv"
+VERSION = 1
+DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
+
+_NAME = re.compile(r"^(\d{12})(?:\.(\d{4}))?\.seg$")
+
+
+def segment_name(major: int, part: int = 0) -> str:
+    return f"{major:012d}.seg" if part == 0 else f"{major:012d}.{part:04d}.seg"
+
+
+def parse_name(name: str) -> tuple[int, int] | None:
+    """``(number, part)``; part 0 for an appended segment, >= 1 for a compaction output."""
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def list_segments(path: str) -> list[str]:
+    return sorted(n for n in os.listdir(path) if _NAME.match(n))
+
+
+def follows(prev: str, nxt: str) -> bool:
+    """True when a reader that applied ``prev`` may apply ``nxt`` next and stay exact.
+
+    Appended segments chain by number. Compaction outputs of number b hold the live
+    state as of segment b as plain puts, so they may be followed by b itself (applying it
+    again changes nothing) or by b + 1. Any other step means files the reader needed
+    were compacted away: it must reload.
+    """
+    pm, pp = parse_name(prev) or (0, 0)
+    nm, np_ = parse_name(nxt) or (0, 0)
+    if np_ == 0:
+        return nm == pm + 1 or (pp != 0 and nm == pm)
+    return pp != 0 and nm == pm and np_ == pp + 1
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- metadata -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Meta:
+    format: str
+    max_segment_bytes: int
+
+    @property
+    def codec(self) -> Codec:
+        return codec_for(self.format)
+
+
+def read_meta(path: str) -> Meta | None:
+    """The store's metadata, None when the file does not exist (yet)."""
+    file = os.path.join(path, AUX, META)
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{file}: unreadable store metadata: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("magic") != MAGIC:
+        raise FormatError(f"{file}: not mpkv metadata (bad magic)")
+    if raw.get("version") != VERSION:
+        raise FormatError(f"{file}: unsupported format version {raw.get('version')!r}")
+    fmt, limit = raw.get("format"), raw.get("max_segment_bytes")
+    if fmt not in ("binary", "text") or not isinstance(limit, int) or limit < 1:
+        raise FormatError(f"{file}: bad format {fmt!r} or max_segment_bytes {limit!r}")
+    return Meta(fmt, limit)
+
+
+def check_store_dir(path: str) -> bool:
+    """Raise FormatError unless ``path`` can hold a store; True when it exists."""
+    if not os.path.exists(path):
+        return False
+    if not os.path.isdir(path):
+        raise FormatError(f"{path}: not a directory (an mpkv store is a directory)")
+    entries = os.listdir(path)
+    if entries and AUX not in entries:
+        raise FormatError(f"{path}: a non-empty directory that is not an mpkv store")
+    return True
+
+
+def create_meta(path: str, meta: Meta) -> Meta:
+    """Write the metadata unless another process won the race; return what is stored.
+
+    The file is written whole under a unique name, then hard-linked into place: link
+    fails if the name exists, so racing creators agree on exactly one metadata file.
+    """
+    aux = os.path.join(path, AUX)
+    os.makedirs(aux, exist_ok=True)
+    tmp = os.path.join(aux, f"meta.tmp.{os.getpid()}.{id(meta)}")
+    body = {"magic": MAGIC, "version": VERSION, "format": meta.format,
+            "max_segment_bytes": meta.max_segment_bytes}
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(body, f)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, os.path.join(aux, META))
+        fsync_dir(aux)
+        fsync_dir(path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    stored = read_meta(path)
+    assert stored is not None
+    return stored
+
+
+# --- tailing --------------------------------------------------------------------
+
+
+class NeedReload(Exception):
+    """Internal: files this cursor needed were compacted away; rebuild from scratch."""
+
+
+#: Where a reader must stop: ``(segment number, end offset)``; end None means "to EOF".
+Limit = tuple[int, "int | None"]
+
+
+class Cursor:
+    """A position in the log: the current segment and the end of the last record applied.
+
+    ``read`` decodes only complete, valid records, so a record being written is never an
+    error: it is picked up by a later read. A writer (under the writer lock) appends and
+    rotates through the same cursor, so it never re-reads its own records.
+    """
+
+    def __init__(self, path: str, codec: Codec, writable: bool) -> None:
+        self.path = path
+        self.codec = codec
+        self.writable = writable
+        self.name: str | None = None
+        self.fd = -1
+        self.offset = 0
+        self.units = 0  # size of the current segment in the limit's units
+
+    @property
+    def number(self) -> int:
+        return parse_name(self.name)[0] if self.name else 0  # type: ignore[index]
+
+    def _enter(self, name: str, flags: int = 0) -> None:
+        mode = os.O_RDWR if self.writable else os.O_RDONLY
+        try:
+            fd = os.open(os.path.join(self.path, name), mode | flags, 0o644)
+        except FileNotFoundError:
+            raise NeedReload from None
+        self.close()
+        self.name, self.fd, self.offset, self.units = name, fd, 0, 0
+
+    def _next(self) -> str | None:
+        return next((n for n in list_segments(self.path) if self.name is None or n > self.name),
+                    None)
+
+    def read(self, limit: Limit | None) -> tuple[list[list[Op]], int | None]:
+        """Decode what follows the cursor, up to ``limit``; return the batches and, when
+        the newest segment ends in a torn record, the offset where it starts."""
+        batches: list[list[Op]] = []
+        while True:
+            if self.name is None:
+                first = self._next()
+                if first is None or (limit is not None and parse_name(first)[0] > limit[0]):  # type: ignore[index]
+                    return batches, None
+                self._enter(first)
+            last = limit is not None and self.number >= limit[0]
+            size = os.fstat(self.fd).st_size
+            if last and limit is not None and limit[1] is not None:
+                size = min(size, limit[1])
+            data = os.pread(self.fd, size - self.offset, self.offset) if size > self.offset else b""
+            dec = self.codec.decode(data)
+            batches += dec.batches
+            start = self.offset
+            self.offset += dec.stop
+            self.units += sum(dec.units)
+            nxt = None if last else self._next()
+            if dec.problem:
+                if nxt is None and dec.torn:
+                    return batches, self.offset
+                raise self._damage(start, data, dec.stop, dec.problem)
+            if nxt is None or (limit is not None and parse_name(nxt)[0] > limit[0]):  # type: ignore[index]
+                return batches, None
+            if not follows(self.name, nxt):  # type: ignore[arg-type]
+                raise NeedReload
+            self._enter(nxt)
+
+    def _damage(self, start: int, data: bytes, stop: int, problem: str) -> CorruptionError:
+        file = os.path.join(self.path, self.name or "")
+        offset = start + stop
+        where = f"offset {offset}"
+        if self.codec.name == "text":
+            line = os.pread(self.fd, start, 0).count(b"\n") + data[:stop].count(b"\n") + 1
+            where += f" (line {line})"
+        return CorruptionError(f"{file}: damaged record at {where}: {problem}", file, offset)
+
+    # --- writer side (writer lock held) ---
+
+    def truncate(self, offset: int) -> None:
+        """Cut a torn tail so the next record starts on a clean boundary."""
+        os.ftruncate(self.fd, offset)
+        self.offset = offset
+
+    def append(self, data: bytes, units: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, self.offset)
+            self.offset += n
+            view = view[n:]
+        self.units += units
+
+    def rotate(self) -> None:
+        """Seal the current segment (fsync: sealed segments are always whole) and start
+        the next one, its directory entry fsynced before any record goes in."""
+        if self.fd >= 0:
+            os.fsync(self.fd)
+        name = segment_name(self.number + 1)
+        try:
+            self._enter(name, os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            raise Error(f"{os.path.join(self.path, name)}: segment exists but was not "
+                        "found while catching up; the directory changed under the lock") from None
+        fsync_dir(self.path)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,598 @@
+"""The store: the in-memory view of the log and the public API.
+
+Every process replays the segments into a dict (the view) and keeps a cursor at the
+end of what it applied. A write takes the writer lock, catches the view up with what
+other processes appended, appends its own record, publishes the new commit point in
+the shared state file and releases the lock. A read compares one shared counter with
+the one it last saw and tails the log only when they differ. docs/protocol.md has the
+whole protocol; docs/format.md the bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from collections.abc import Callable, ItemsView, Iterator, KeysView, MutableMapping, ValuesView
+from contextlib import contextmanager
+from typing import Any
+
+from . import snapshot
+from .codec import Op, Value
+from .errors import ClosedError, Error, FormatError, ReadOnlyError
+from .locks import RWLock, WriterLock
+from .segments import (
+    AUX,
+    DEFAULT_MAX_SEGMENT_BYTES,
+    LOCK,
+    SHM,
+    Cursor,
+    Limit,
+    Meta,
+    NeedReload,
+    check_store_dir,
+    create_meta,
+    read_meta,
+)
+from .shm import SharedState
+
+FSYNC_MODES = ("always", "periodic", "never")
+_MISSING: Any = object()
+
+# Bumped in a child after fork(); a store opened under an older value reopens itself.
+_fork_epoch = [1]
+os.register_at_fork(after_in_child=lambda: _fork_epoch.__setitem__(0, _fork_epoch[0] + 1))
+
+
+def _check_options(max_segment_bytes: int | None, format: str | None, fsync: str | None,
+                   fsync_interval: float, max_staleness: float | None,
+                   lock_timeout: float | None) -> None:
+    if max_segment_bytes is not None and (
+            not isinstance(max_segment_bytes, int) or isinstance(max_segment_bytes, bool)
+            or max_segment_bytes < 1):
+        raise ValueError(f"max_segment_bytes must be a positive int, not {max_segment_bytes!r}")
+    if format not in (None, "binary", "text"):
+        raise ValueError(f"format must be 'binary', 'text' or None, not {format!r}")
+    if fsync not in (None, *FSYNC_MODES):
+        raise ValueError(f"fsync must be one of {FSYNC_MODES} or None, not {fsync!r}")
+    if not isinstance(fsync_interval, (int, float)) or not fsync_interval > 0:
+        raise ValueError(f"fsync_interval must be a positive number, not {fsync_interval!r}")
+    if max_staleness is not None and (
+            not isinstance(max_staleness, (int, float)) or not max_staleness >= 0):
+        raise ValueError(f"max_staleness must be None or >= 0, not {max_staleness!r}")
+    if lock_timeout is not None and (
+            not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0):
+        raise ValueError(f"lock_timeout must be None or >= 0, not {lock_timeout!r}")
+
+
+class Store(MutableMapping[str, Value]):
+    """A persistent str -> str/bytes mapping shared by every process that opens ``path``."""
+
+    def __init__(self, path: str | os.PathLike[str], *, max_segment_bytes: int | None = None,
+                 format: str | None = None, fsync: str | None = None,
+                 fsync_interval: float = 1.0, max_staleness: float | None = 0.0,
+                 readonly: bool = False, lock_timeout: float | None = None) -> None:
+        _check_options(max_segment_bytes, format, fsync, fsync_interval, max_staleness,
+                       lock_timeout)
+        self.path = os.fspath(path)
+        self.fsync = fsync or "periodic"
+        self.fsync_interval = float(fsync_interval)
+        self.max_staleness = max_staleness
+        self.readonly = bool(readonly)
+        self.lock_timeout = lock_timeout
+        self._options = dict(max_segment_bytes=max_segment_bytes, format=format, fsync=fsync,
+                             fsync_interval=fsync_interval, max_staleness=max_staleness,
+                             readonly=readonly, lock_timeout=lock_timeout)
+        self.meta = self._open_meta(max_segment_bytes, format)
+        self.format = self.meta.format
+        self.max_segment_bytes = self.meta.max_segment_bytes
+        self._codec = self.meta.codec
+        self._listeners: list[collections.deque[Op]] = []
+        self._epoch = 0
+        self._open_files()
+
+    # --- opening -------------------------------------------------------------------
+
+    def _open_meta(self, max_segment_bytes: int | None, format: str | None) -> Meta:
+        exists = check_store_dir(self.path)
+        meta = read_meta(self.path) if exists else None
+        if meta is None:
+            if self.readonly:
+                if not exists:
+                    raise FormatError(f"{self.path}: no store here (readonly cannot create one)")
+                return Meta(format or "binary", max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES)
+            os.makedirs(self.path, exist_ok=True)
+            meta = create_meta(self.path, Meta(format or "binary",
+                                               max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES))
+        if format is not None and format != meta.format:
+            raise ValueError(f"{self.path}: the store's format is {meta.format!r}, not {format!r}")
+        if max_segment_bytes is not None and max_segment_bytes != meta.max_segment_bytes:
+            raise ValueError(f"{self.path}: the store's max_segment_bytes is "
+                             f"{meta.max_segment_bytes}, not {max_segment_bytes}")
+        return meta
+
+    def _open_files(self) -> None:
+        """(Re)open descriptors, locks and the view: at open and in a child after fork."""
+        aux = os.path.join(self.path, AUX)
+        self._write_mutex = threading.RLock()  # one writer thread at a time in this process
+        self._tail_mutex = threading.Lock()  # guards the cursor and view updates
+        self._sync_mutex = threading.Lock()  # guards fsync bookkeeping
+        self._rw = RWLock()  # readers of the view vs. whoever changes it
+        self._wlock = None if self.readonly else WriterLock(os.path.join(aux, LOCK),
+                                                            self.lock_timeout)
+        self._shm = SharedState(os.path.join(aux, SHM), writable=not self.readonly)
+        self._view: dict[str, Value] = {}
+        self._cursor = Cursor(self.path, self._codec, writable=not self.readonly)
+        self._seen_seq = -1
+        self._verified = False  # has this process's writer checked the log tail once?
+        self._appended = 0  # records this process appended ...
+        self._synced = 0  # ... and how many of them are known to be on disk
+        self._sync_fd = -1
+        self._last_refresh = 0.0
+        self._stop_syncer = threading.Event()
+        self._syncer: threading.Thread | None = None
+        try:
+            with self._tail_mutex:
+                self._catch_up(self._reader_limit())
+        except BaseException:
+            self._close_files()
+            raise
+        self._epoch = _fork_epoch[0]
+
+    def _check(self) -> None:
+        """Slow path of every public call: closed, or first use in a forked child."""
+        if self._epoch == -1:
+            raise ClosedError(f"{self.path}: store is closed")
+        if self._epoch != _fork_epoch[0]:
+            self._open_files()  # inherited descriptors share locks with the parent: replace
+
+    def _writable(self) -> None:
+        if self._epoch != _fork_epoch[0]:
+            self._check()
+        if self.readonly:
+            raise ReadOnlyError(f"{self.path}: store opened with readonly=True")
+
+    # --- tailing -------------------------------------------------------------------
+
+    def _reader_limit(self) -> tuple[int, Limit | None]:
+        snap = self._shm.snapshot()
+        if snap is None:
+            return self._shm.seq, None
+        seq, seg, end = snap
+        return seq, (seg, end)
+
+    def _catch_up(self, seq_limit: tuple[int, Limit | None]) -> tuple[int, int | None]:
+        """Apply what the log holds past the cursor, up to the limit. Tail mutex held.
+        Returns (records applied, offset of a torn tail or None)."""
+        seq, limit = seq_limit
+        try:
+            batches, torn = self._cursor.read(limit)
+        except NeedReload:
+            return self._reload(limit), None
+        if batches:
+            self._apply(batches)
+        self._seen_seq = seq
+        self._last_refresh = time.monotonic()
+        return len(batches), torn
+
+    def _reload(self, limit: Limit | None) -> int:
+        """Rebuild the view from scratch: files the cursor needed were compacted away."""
+        for _ in range(100):
+            cursor = Cursor(self.path, self._codec, writable=not self.readonly)
+            try:
+                batches, _ = cursor.read(limit)
+            except NeedReload:
+                cursor.close()
+                continue
+            view: dict[str, Value] = {}
+            for ops in batches:
+                for key, value in ops:
+                    if value is None:
+                        view.pop(key, None)
+                    else:
+                        view[key] = value
+            old = self._view
+            changes: list[Op] = [(k, v) for k, v in view.items() if old.get(k, _MISSING) != v]
+            changes += [(k, None) for k in old if k not in view]
+            self._rw.acquire_write()
+            try:
+                self._view = view
+            finally:
+                self._rw.release_write()
+            self._notify(changes)
+            self._cursor.close()
+            self._cursor = cursor
+            return len(changes)
+        raise Error(f"{self.path}: could not read a stable set of segments (compaction loop?)")
+
+    def _apply(self, batches: list[list[Op]]) -> None:
+        view = self._view
+        self._rw.acquire_write()
+        try:
+            for ops in batches:
+                for key, value in ops:
+                    if value is None:
+                        view.pop(key, None)
+                    else:
+                        view[key] = value
+        finally:
+            self._rw.release_write()
+        if self._listeners:
+            self._notify([op for ops in batches for op in ops])
+
+    def _notify(self, ops: list[Op]) -> None:
+        for queue in self._listeners:
+            queue.extend(ops)
+
+    def _fresh(self) -> None:
+        """Make the view fresh enough for a read, per ``max_staleness``."""
+        if self._epoch != _fork_epoch[0]:
+            self._check()
+        if self.max_staleness is None:
+            return
+        if self.max_staleness == 0:
+            if self._shm.seq == self._seen_seq:
+                return
+        elif time.monotonic() - self._last_refresh < self.max_staleness:
+            return
+        with self._tail_mutex:
+            self._catch_up(self._reader_limit())
+
+    def refresh(self) -> int:
+        """Apply what other processes wrote since the last refresh; return the count."""
+        self._check()
+        with self._tail_mutex:
+            return self._catch_up(self._reader_limit())[0]
+
+    # --- reads ---------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._fresh()
+        self._rw.acquire_read()
+        try:
+            return self._view.get(key, default)
+        finally:
+            self._rw.release_read()
+
+    def __getitem__(self, key: str) -> Value:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        self._fresh()
+        self._rw.acquire_read()
+        try:
+            return len(self._view)
+        finally:
+            self._rw.release_read()
+
+    def _copy(self) -> dict[str, Value]:
+        """A point-in-time copy of the view: iteration never tears or raises."""
+        self._fresh()
+        self._rw.acquire_read()
+        try:
+            return dict(self._view)
+        finally:
+            self._rw.release_read()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._copy())
+
+    def keys(self) -> KeysView[str]:
+        return self._copy().keys()
+
+    def values(self) -> ValuesView[Value]:
+        return self._copy().values()
+
+    def items(self) -> ItemsView[str, Value]:
+        return self._copy().items()
+
+    # --- writes --------------------------------------------------------------------
+
+    def put(self, key: str, value: Value) -> None:
+        self._writable()
+        self._codec.check(key, value)
+        self._commit([(key, value)])
+
+    def __setitem__(self, key: str, value: Value) -> None:
+        self.put(key, value)
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; True when it existed. Logged even when it did not."""
+        self._writable()
+        self._codec.check(key, None, delete=True)
+        return self._commit([(key, None)], existed=key)
+
+    def __delitem__(self, key: str) -> None:
+        self._writable()
+        self._codec.check(key, None, delete=True)
+        if not self._commit([(key, None)], existed=key, only_if_exists=True):
+            raise KeyError(key)
+
+    def _commit(self, ops: list[Op], existed: str | None = None,
+                only_if_exists: bool = False) -> bool:
+        """Append ``ops`` as one atomic unit under the writer lock; with ``existed``,
+        return whether that key was live just before (checked under the lock)."""
+        records = self._encode(ops)
+        with self._write_mutex:
+            self._lock()
+            try:
+                with self._tail_mutex:
+                    self._sync_with_log()
+                    was = existed is not None and existed in self._view
+                    if only_if_exists and not was:
+                        return False
+                    self._append(records, ops)
+            finally:
+                self._unlock()
+        self._after_write()
+        return was
+
+    def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
+        records = self._codec.encode(ops)
+        for _, units in records:
+            if units > self.max_segment_bytes:
+                raise ValueError(f"a record of {units} {self._units_name()} cannot fit in a "
+                                 f"segment of max_segment_bytes={self.max_segment_bytes}")
+        return records
+
+    def _units_name(self) -> str:
+        return "characters" if self.format == "text" else "bytes"
+
+    def _lock(self) -> None:
+        assert self._wlock is not None
+        self._wlock.acquire()
+
+    def _unlock(self) -> None:
+        assert self._wlock is not None
+        self._wlock.release()
+
+    def _sync_with_log(self) -> None:
+        """Under the writer lock: apply other processes' records and cut a torn tail.
+
+        The cheap path trusts the shared state: the counter we last saw and no writer
+        that died mid-write. Otherwise read everything to the end of the files."""
+        shm = self._shm
+        if self._verified and shm.trusted and not shm.inflight:
+            if shm.seq == self._seen_seq:
+                return
+            seq, seg, _ = shm.snapshot() or (shm.seq, 0, 0)
+            _, torn = self._catch_up((seq, (seg, None)))
+        else:
+            _, torn = self._catch_up((shm.seq, None))
+            self._verified = True
+        if torn is not None:
+            self._cursor.truncate(torn)
+
+    def _append(self, records: list[tuple[bytes, int]], ops: list[Op]) -> None:
+        """Write records at the cursor, rotating as needed, then publish. Both locks held."""
+        cursor = self._cursor
+        self._shm.begin()
+        for data, units in records:
+            full = cursor.units and cursor.units + units > self.max_segment_bytes
+            if cursor.name is None or full:
+                self._rotate()
+            cursor.append(data, units)
+        self._appended += 1
+        self._apply([ops])
+        self._seen_seq = self._shm.publish(cursor.number, cursor.offset)
+
+    def _rotate(self) -> None:
+        with self._sync_mutex:
+            self._cursor.rotate()  # fsyncs the sealed segment
+            self._synced = self._appended
+            if self._sync_fd >= 0:
+                os.close(self._sync_fd)
+            self._sync_fd = os.dup(self._cursor.fd)
+
+    def _after_write(self) -> None:
+        """Durability per the fsync mode, outside the writer lock so that writers of all
+        processes overlap their fsyncs (group commit)."""
+        if self.fsync == "always":
+            self._sync(self._appended)
+        elif self.fsync == "periodic" and self._syncer is None:
+            self._syncer = threading.Thread(target=self._sync_periodically, daemon=True,
+                                            name=f"mpkv-fsync {self.path}")
+            self._syncer.start()
+
+    def _sync(self, upto: int) -> None:
+        with self._sync_mutex:
+            if self._synced >= upto or self._sync_fd < 0:
+                return
+            target = self._appended
+            os.fdatasync(self._sync_fd)
+            self._synced = target
+
+    def _sync_periodically(self) -> None:
+        while not self._stop_syncer.wait(self.fsync_interval):
+            self._sync(self._appended)
+
+    # --- transactions ---------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """Hold the writer lock for the block; commit its writes as one unit on normal
+        exit, none on an exception."""
+        self._writable()
+        with self._write_mutex:
+            self._lock()
+            try:
+                with self._tail_mutex:
+                    self._sync_with_log()
+                tx = Transaction(self)
+                yield tx
+                if tx._ops:
+                    records = self._encode(tx._ops)
+                    with self._tail_mutex:
+                        self._append(records, tx._ops)
+            finally:
+                self._unlock()
+        if tx._ops:
+            self._after_write()
+
+    # --- whole-store operations --------------------------------------------------------
+
+    def serialize(self, file_path: str | os.PathLike[str]) -> None:
+        """Write the current state to one file, atomically."""
+        snapshot.write_atomically(os.fspath(file_path), snapshot.encode(self._copy()))
+
+    def deserialize(self, file_path: str | os.PathLike[str]) -> None:
+        """Replace the whole contents with the file's state, as one transaction."""
+        self._writable()
+        file = os.fspath(file_path)
+        try:
+            with open(file, "rb") as f:
+                data = f.read()
+        except IsADirectoryError:
+            raise FormatError(f"{file}: a directory, not a snapshot file") from None
+        items = snapshot.decode(data, file)
+        for key, value in items.items():
+            self._codec.check(key, value)
+        with self.transaction() as tx:
+            for key in list(self._view):
+                if key not in items:
+                    tx.delete(key)
+            for key, value in items.items():
+                if self._view.get(key, _MISSING) != value:
+                    tx.put(key, value)
+
+    def watch(self, prefix: str = "", *,
+              timeout: float | None = None) -> Iterator[tuple[str, Value | None]]:
+        """Yield ``(key, value)`` (None for a delete) for every change committed by any
+        process after this call, in commit order; stop after ``timeout`` idle seconds."""
+        self._check()
+        queue: collections.deque[Op] = collections.deque()
+        with self._tail_mutex:
+            self._catch_up(self._reader_limit())
+            self._listeners.append(queue)
+        return self._watching(queue, prefix, timeout)
+
+    def _watching(self, queue: collections.deque[Op], prefix: str,
+                  timeout: float | None) -> Iterator[tuple[str, Value | None]]:
+        idle_since = time.monotonic()
+        pause = 0.0005
+        try:
+            while True:
+                while queue:
+                    key, value = queue.popleft()
+                    if key.startswith(prefix):
+                        yield key, value
+                        idle_since = time.monotonic()
+                if self._epoch == -1:
+                    return
+                if self._shm.seq != self._seen_seq:
+                    with self._tail_mutex:
+                        self._catch_up(self._reader_limit())
+                    pause = 0.0005
+                    continue
+                if timeout is not None and time.monotonic() - idle_since >= timeout:
+                    return
+                time.sleep(pause)
+                pause = min(pause * 2, 0.005)
+        finally:
+            if queue in self._listeners:
+                self._listeners.remove(queue)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush (per the fsync mode) and release everything; later use raises ClosedError."""
+        if self._epoch == -1:
+            return
+        if self._epoch == _fork_epoch[0]:
+            self._stop_syncer.set()
+            if self._syncer is not None:
+                self._syncer.join()
+            if self.fsync != "never":
+                self._sync(self._appended)
+        self._epoch = -1
+        self._close_files()
+
+    def _close_files(self) -> None:
+        self._cursor.close()
+        self._shm.close()
+        if self._wlock is not None:
+            self._wlock.close()
+        if self._sync_fd >= 0:
+            os.close(self._sync_fd)
+            self._sync_fd = -1
+
+    @property
+    def closed(self) -> bool:
+        return self._epoch == -1
+
+    def __enter__(self) -> Store:
+        self._check()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_epoch", -1) not in (-1, 0):
+                self.close()
+        except Exception:
+            pass
+
+    def __reduce__(self) -> tuple[Callable[..., Store], tuple[str, dict[str, Any]]]:
+        return _reopen, (self.path, self._options)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._epoch == -1 else f"{self.format}"
+        return f"<mpkv.Store {self.path!r} {state}>"
+
+
+def _reopen(path: str, options: dict[str, Any]) -> Store:
+    return Store(path, **options)
+
+
+class Transaction:
+    """The view of one ``transaction()`` block: the latest committed state plus the
+    block's own writes, which reach the log only when the block exits normally."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._ops: list[Op] = []
+        self._writes: dict[str, Value | None] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self._writes:
+            value = self._writes[key]
+            return default if value is None else value
+        return self._store._view.get(key, default)
+
+    def put(self, key: str, value: Value) -> None:
+        self._store._codec.check(key, value)
+        self._ops.append((key, value))
+        self._writes[key] = value
+
+    def delete(self, key: str) -> bool:
+        self._store._codec.check(key, None, delete=True)
+        existed = self.get(key, _MISSING) is not _MISSING
+        self._ops.append((key, None))
+        self._writes[key] = None
+        return existed
+
+    def __getitem__(self, key: str) -> Value:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value  # type: ignore[no-any-return]
+
+    def __setitem__(self, key: str, value: Value) -> None:
+        self.put(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.delete(key)
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
