@@ -4,10 +4,11 @@ import os
 from typing import Any
 
 from .errors import ClosedError, CorruptionError, Error, FormatError, LockTimeout, ReadOnlyError
+from .recovery import Report, repair, verify
 from .store import Store, Transaction
 
 __all__ = ["Store", "Transaction", "open", "Error", "FormatError", "CorruptionError",
-           "ClosedError", "LockTimeout", "ReadOnlyError"]
+           "ClosedError", "LockTimeout", "ReadOnlyError", "repair", "verify", "Report"]
 __version__ = "0.1.0"
 
 

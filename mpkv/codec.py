@@ -61,6 +61,11 @@ class Codec:
         """Decode every complete, valid record at the start of ``buf``."""
         raise NotImplementedError
 
+    def next_valid(self, buf: bytes, start: int) -> int:
+        """Offset of the first valid record after ``start`` (``len(buf)`` if none): where
+        reading can resume after damage."""
+        raise NotImplementedError
+
 
 
 # --- binary -----------------------------------------------------------------------
@@ -107,9 +112,12 @@ class BinaryCodec(Codec):
             return -1, f"unknown record type {rtype}"
         return end, ""
 
-    def _valid_at(self, buf: bytes, pos: int) -> bool:
-        end, _ = self._record_end(buf, pos)
-        return end > 0 and self._entries(buf, pos + HEADER.size, end) is not None
+    def next_valid(self, buf: bytes, start: int) -> int:
+        for pos in range(start + 1, len(buf)):
+            end, _ = self._record_end(buf, pos)
+            if end > 0 and self._entries(buf, pos + HEADER.size, end) is not None:
+                return pos
+        return len(buf)
 
     def _entries(self, buf: bytes, pos: int, end: int) -> list[Op] | None:
         ops: list[Op] = []
@@ -142,7 +150,7 @@ class BinaryCodec(Codec):
             if ops is None:
                 out.problem = problem or "malformed entries in a record with a valid checksum"
                 # A crash can leave a partial or garbled last record, but nothing valid after it.
-                out.torn = not any(self._valid_at(buf, p) for p in range(pos + 1, n))
+                out.torn = self.next_valid(buf, pos) == n
                 break
             out.batches.append(ops)
             out.ends.append(end)
@@ -189,6 +197,11 @@ class TextCodec(Codec):
         if line.startswith("D|") and "|" not in line[2:]:
             return (line[2:], None)
         return None
+
+    def next_valid(self, buf: bytes, start: int) -> int:
+        # Lines are the unit: skip the damaged one (or the torn remainder).
+        end = buf.find(b"\n", start)
+        return len(buf) if end < 0 else end + 1
 
     def decode(self, buf: bytes) -> Decoded:
         out = Decoded()

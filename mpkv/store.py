@@ -18,7 +18,9 @@ from collections.abc import Callable, ItemsView, Iterator, KeysView, MutableMapp
 from contextlib import contextmanager
 from typing import Any
 
-from . import snapshot
+import filelock
+
+from . import compaction, snapshot
 from .codec import Op, Value
 from .errors import ClosedError, Error, FormatError, ReadOnlyError
 from .locks import RWLock, WriterLock
@@ -33,10 +35,13 @@ from .segments import (
     NeedReload,
     check_store_dir,
     create_meta,
+    list_segments,
+    parse_name,
     read_meta,
 )
 from .shm import SharedState
 
+COMPACT_LOCK = "compact.lock"
 FSYNC_MODES = ("always", "periodic", "never")
 _MISSING: Any = object()
 
@@ -461,6 +466,46 @@ class Store(MutableMapping[str, Value]):
             for key, value in items.items():
                 if self._view.get(key, _MISSING) != value:
                     tx.put(key, value)
+
+    def compact(self) -> dict[str, int]:
+        """Rewrite sealed segments keeping only live data, while others read and write.
+
+        Writers wait only while the active segment is sealed and while the outputs are
+        renamed into place; the rewriting itself runs without the writer lock."""
+        self._writable()
+        with filelock.FileLock(os.path.join(self.path, AUX, COMPACT_LOCK)):
+            compaction.remove_stale_outputs(self.path)
+            with self._write_mutex:
+                self._lock()
+                try:
+                    with self._tail_mutex:
+                        self._sync_with_log()
+                        if self._cursor.offset > 0:
+                            self._shm.begin()
+                            self._rotate()
+                            self._seen_seq = self._shm.publish(self._cursor.number, 0)
+                        active = self._cursor.name
+                finally:
+                    self._unlock()
+            sealed = [n for n in list_segments(self.path) if active is None or n < active]
+            before = sum(os.path.getsize(os.path.join(self.path, n)) for n in sealed)
+            if not sealed:
+                return {"segments_before": 0, "segments_after": 0, "bytes_before": 0,
+                        "bytes_after": 0}
+            state = compaction.replay(self.path, self._codec, sealed)
+            outputs = compaction.write_outputs(self.path, self._codec, state,
+                                               self.max_segment_bytes)
+            after = sum(os.path.getsize(o) for o in outputs)
+            number = parse_name(sealed[-1])[0]  # type: ignore[index]
+            with self._write_mutex:
+                self._lock()
+                try:
+                    compaction.install(self.path, outputs, number)
+                    compaction.remove(self.path, sealed)
+                finally:
+                    self._unlock()
+        return {"segments_before": len(sealed), "segments_after": len(outputs),
+                "bytes_before": before, "bytes_after": after}
 
     def watch(self, prefix: str = "", *,
               timeout: float | None = None) -> Iterator[tuple[str, Value | None]]:

@@ -1,0 +1,117 @@
+"""Compaction: rewrite sealed segments as the live state they add up to.
+
+The outputs of compacting segments up to number b are named ``b.0001``, ``b.0002``...
+so they sort just before segment b: see ``segments.follows`` for why a reader or an
+opener that lists the directory at any moment of the switch still replays the exact
+state. The outputs hold puts only: they start the log, so no tombstone is needed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+
+from .codec import Codec, Op, Value
+from .errors import CorruptionError
+from .segments import AUX, fsync_dir, list_segments, parse_name, segment_name
+
+TMP_PREFIX = "compact-"
+_RECORD_TARGET = 64 * 1024  # group puts into records of about this size (binary)
+
+
+def replay(path: str, codec: Codec, names: list[str]) -> dict[str, Value]:
+    """The state sealed segments ``names`` add up to; they must be whole and valid."""
+    state: dict[str, Value] = {}
+    for name in names:
+        file = os.path.join(path, name)
+        with open(file, "rb") as f:
+            data = f.read()
+        dec = codec.decode(data)
+        if dec.problem:
+            raise CorruptionError(f"{file}: damaged record at offset {dec.stop}: {dec.problem}"
+                                  " (run mpkv repair)", file, dec.stop)
+        for ops in dec.batches:
+            for key, value in ops:
+                if value is None:
+                    state.pop(key, None)
+                else:
+                    state[key] = value
+    return state
+
+
+def _records(codec: Codec, items: list[Op], max_units: int) -> Iterator[tuple[bytes, int]]:
+    """Encode puts, several per record where the codec allows, each within the limit."""
+    chunk: list[Op] = []
+    size = 0
+    for op in items:
+        chunk.append(op)
+        size += 9 + len(op[0]) + len(op[1] or "")
+        if size >= min(_RECORD_TARGET, max_units // 2):
+            yield from _fit(codec, chunk, max_units)
+            chunk, size = [], 0
+    if chunk:
+        yield from _fit(codec, chunk, max_units)
+
+
+def _fit(codec: Codec, ops: list[Op], max_units: int) -> Iterator[tuple[bytes, int]]:
+    records = codec.encode(ops)
+    if len(ops) > 1 and any(units > max_units for _, units in records):
+        half = len(ops) // 2
+        yield from _fit(codec, ops[:half], max_units)
+        yield from _fit(codec, ops[half:], max_units)
+    else:
+        yield from records
+
+
+def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: int) -> list[str]:
+    """Write ``state`` into temporary files in ``.mpkv/`` (never taken for segments),
+    each within the segment limit and fsynced. Returns their paths in order."""
+    aux = os.path.join(path, AUX)
+    outputs: list[str] = []
+    f = None
+    used = 0
+    try:
+        for data, units in _records(codec, list(state.items()), max_units):
+            if f is None or used + units > max_units:
+                if f is not None:
+                    f.flush()
+                    os.fsync(f.fileno())
+                    f.close()
+                outputs.append(os.path.join(aux, f"{TMP_PREFIX}{os.getpid()}-{len(outputs)}.tmp"))
+                f = open(outputs[-1], "wb")  # noqa: SIM115
+                used = 0
+            f.write(data)
+            used += units
+        if f is not None:
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        if f is not None:
+            f.close()
+    return outputs
+
+
+def install(path: str, outputs: list[str], number: int) -> list[str]:
+    """Rename the outputs into place as parts of ``number`` (writer lock held)."""
+    taken = [parse_name(n) for n in list_segments(path)]
+    first = 1 + max((p for m, p in filter(None, taken) if m == number), default=0)
+    names = []
+    for k, tmp in enumerate(outputs, start=first):
+        names.append(segment_name(number, k))
+        os.rename(tmp, os.path.join(path, names[-1]))
+    fsync_dir(path)
+    return names
+
+
+def remove(path: str, names: list[str]) -> None:
+    """Delete replaced segments oldest first, so any listing replays correctly."""
+    for name in names:
+        os.unlink(os.path.join(path, name))
+    fsync_dir(path)
+
+
+def remove_stale_outputs(path: str) -> None:
+    """Temporary outputs of a compaction that died (compaction lock held)."""
+    for tmp in glob.glob(os.path.join(path, AUX, f"{TMP_PREFIX}*.tmp")):
+        os.unlink(tmp)
