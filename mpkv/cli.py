@@ -1,0 +1,271 @@
+"""The ``mpkv`` command: every operation of the store from a shell.
+
+Exit status: 0 success, 1 when ``get`` finds no key, ``verify`` finds damage or an
+operation fails, 2 on usage errors. Failures print one line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from . import recovery
+from .codec import Value
+from .errors import Error
+from .store import Store
+
+T = TypeVar("T")
+LOAD_CHUNK = 1000  # JSON lines per transaction in ``load``
+
+
+def _progress(items: Iterable[T], total: int | None, what: str) -> Iterable[T]:
+    """A progress bar on a terminal, nothing in a pipe."""
+    if not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm  # only needed on a terminal
+
+    bar: Iterable[T] = tqdm(items, total=total, desc=what, unit="rec", file=sys.stderr)
+    return bar
+
+
+def _to_json(key: str, value: Value | None) -> str:
+    if isinstance(value, bytes):
+        return json.dumps({"key": key, "value": base64.b64encode(value).decode(), "bytes": True},
+                          ensure_ascii=False)
+    return json.dumps({"key": key, "value": value}, ensure_ascii=False)
+
+
+def _from_json(line: str, number: int) -> tuple[str, Value]:
+    try:
+        obj = json.loads(line)
+        key, value = obj["key"], obj["value"]
+        if obj.get("bytes"):
+            value = base64.b64decode(value, validate=True)
+        if not isinstance(key, str) or not isinstance(value, (str, bytes)):
+            raise ValueError("key must be a string and value a string")
+        return key, value
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"stdin line {number}: not a {{\"key\", \"value\"}} JSON line: {exc}"
+                         ) from None
+
+
+def _open(args: argparse.Namespace, **options: Any) -> Store:
+    return Store(args.path, **options)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with _open(args, readonly=True) as store:
+        value = store.get(args.key)
+    if value is None:
+        print(f"mpkv: key not found: {args.key!r}", file=sys.stderr)
+        return 1
+    if isinstance(value, bytes):
+        sys.stdout.buffer.write(value)
+    else:
+        print(value)
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    with _open(args, format=args.format) as store:
+        store.put(args.key, args.value)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        existed = store.delete(args.key)
+    if not existed:
+        print(f"mpkv: key not found: {args.key!r} (a delete was logged anyway)", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _open(args, readonly=True) as store:
+        for key in sorted(store):
+            if key.startswith(args.prefix):
+                print(key)
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    with _open(args, readonly=True) as store:
+        items = sorted(store.items())
+    for key, value in _progress(items, len(items), "dump"):
+        sys.stdout.write(_to_json(key, value) + "\n")
+    return 0
+
+
+def _chunks(lines: Iterable[str]) -> Iterator[list[tuple[str, Value]]]:
+    chunk: list[tuple[str, Value]] = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            chunk.append(_from_json(line, number))
+        if len(chunk) >= LOAD_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    loaded = 0
+    with _open(args, format=args.format) as store:
+        for chunk in _chunks(_progress(sys.stdin, None, "load")):
+            with store.transaction() as tx:
+                for key, value in chunk:
+                    tx[key] = value
+            loaded += len(chunk)
+    print(f"loaded {loaded} records", file=sys.stderr)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    report = recovery.verify(args.path)
+    with _open(args, readonly=True) as store:
+        live = store.items()
+        live_bytes = sum(len(r) for k, v in live for r, _ in store._codec.encode([(k, v)]))
+        print(f"path: {store.path}")
+        print(f"format: {store.format}")
+        print(f"max_segment_bytes: {store.max_segment_bytes}")
+        print(f"segments: {report.segments}")
+        print(f"records: {report.records}")
+        print(f"live keys: {len(live)}")
+        print(f"bytes: {report.bytes}")
+        print(f"live bytes: {live_bytes}")
+        garbage = 1 - live_bytes / report.bytes if report.bytes else 0.0
+        print(f"garbage ratio: {max(garbage, 0.0):.3f}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = recovery.verify(args.path)
+    print(report.summary())
+    print("OK" if report.ok else "DAMAGED: run `mpkv repair PATH`")
+    return 0 if report.ok else 1
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    report = recovery.repair(args.path)
+    print(report.summary())
+    print("nothing to repair" if not report.damage else
+          f"repaired: {len(report.damage)} damaged ranges moved to {len(report.quarantined)} "
+          "quarantine files")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        result = store.compact()
+    print(f"compacted {result['segments_before']} segments ({result['bytes_before']} bytes) "
+          f"into {result['segments_after']} ({result['bytes_after']} bytes)")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    with _open(args, readonly=True) as store:
+        store.serialize(args.file)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        store.deserialize(args.file)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _open(args, readonly=True) as store:
+        for key, value in store.watch(args.prefix, timeout=args.timeout):
+            sys.stdout.write(_to_json(key, value) + "\n")
+            sys.stdout.flush()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return 0 if demo.run(args.dir) else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(args.rest)
+
+
+def cmd_stress(args: argparse.Namespace) -> int:
+    from . import stress
+
+    return stress.main(args.rest)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mpkv", description="A key-value store many processes share through one "
+        "directory. The store directory comes first; it is created by writes when missing.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str, func: Any, *args: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.set_defaults(func=func)
+        for a in args:
+            c.add_argument(a)
+        return c
+
+    add("get", "print the value of KEY (exit 1 when missing)", cmd_get, "path", "key")
+    c = add("put", "set KEY to VALUE", cmd_put, "path", "key", "value")
+    c.add_argument("--format", choices=["binary", "text"], help="format of a new store")
+    add("delete", "delete KEY (logged even when missing)", cmd_delete, "path", "key")
+    c = add("list", "print the keys, one a line, sorted", cmd_list, "path")
+    c.add_argument("--prefix", default="", help="only keys starting with P")
+    add("dump", 'print {"key", "value"} JSON lines (bytes values: base64, "bytes": true)',
+        cmd_dump, "path")
+    c = add("load", f"read dump's JSON lines from stdin, {LOAD_CHUNK} per transaction",
+            cmd_load, "path")
+    c.add_argument("--format", choices=["binary", "text"], help="format of a new store")
+    add("stats", "segments, records, live keys, bytes, garbage ratio", cmd_stats, "path")
+    add("verify", "check every record (exit 1 on damage)", cmd_verify, "path")
+    add("repair", "salvage valid records, move damaged bytes to .mpkv/quarantine/",
+        cmd_repair, "path")
+    add("compact", "rewrite sealed segments keeping only live data", cmd_compact, "path")
+    add("backup", "write the whole state to FILE (atomically)", cmd_backup, "path", "file")
+    add("restore", "replace the whole state with FILE's (atomically)", cmd_restore,
+        "path", "file")
+    c = add("watch", "print changes as JSON lines as they happen, like tail -f",
+            cmd_watch, "path")
+    c.add_argument("--prefix", default="", help="only keys starting with P")
+    c.add_argument("--timeout", type=float, default=None, help="stop after T idle seconds")
+    c = add("demo", "worker processes share a store on a real job; result verified",
+            cmd_demo)
+    c.add_argument("dir", nargs="?", default=None, help="store directory (default: a temp dir)")
+    for name, help, func in (("bench", "benchmarks (see `mpkv bench --help`)", cmd_bench),
+                             ("stress", "stress test with a history checker", cmd_stress)):
+        c = sub.add_parser(name, help=help, add_help=False)
+        c.set_defaults(func=func)
+        c.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (Error, ValueError, TypeError, OSError) as exc:
+        print(f"mpkv {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
