@@ -46,15 +46,16 @@ class Codec:
             raise TypeError(f"key must be str, not {type(key).__name__}")
         if not delete and not isinstance(value, (str, bytes)):
             raise TypeError(f"value must be str or bytes, not {type(value).__name__}")
+
+    def encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
+        """Encode ops as records ``(bytes, size units)``; a list of one record is atomic.
+        ValueError for text that UTF-8 cannot encode (lone surrogates)."""
         try:
-            key.encode("utf-8")
-            if isinstance(value, str):
-                value.encode("utf-8")
+            return self._encode(ops)
         except UnicodeEncodeError as exc:
             raise ValueError(f"key or value is not encodable as UTF-8: {exc}") from None
 
-    def encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
-        """Encode ops as records ``(bytes, size units)``; a list of one record is atomic."""
+    def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
         raise NotImplementedError
 
     def decode(self, buf: bytes) -> Decoded:
@@ -72,6 +73,7 @@ class Codec:
 
 HEADER = struct.Struct("<IIB")  # crc32, payload length, record type
 ENTRY = struct.Struct("<BII")  # op, key length, value length
+_SINGLE = struct.Struct("<IBBII")  # length and type, then the one entry's header
 RECORD_OPS = 1
 OP_PUT_STR, OP_PUT_BYTES, OP_DELETE = 1, 2, 3
 
@@ -81,7 +83,13 @@ class BinaryCodec(Codec):
 
     name = "binary"
 
-    def encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
+    def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
+        if len(ops) == 1 and isinstance(ops[0][1], str):  # the common single put, faster
+            k, v = ops[0][0].encode("utf-8"), ops[0][1].encode("utf-8")
+            body = _SINGLE.pack(ENTRY.size + len(k) + len(v), RECORD_OPS, OP_PUT_STR,
+                                len(k), len(v)) + k + v
+            record = struct.pack("<I", zlib.crc32(body)) + body
+            return [(record, len(record))]
         parts: list[bytes] = []
         for key, value in ops:
             k = key.encode("utf-8")
@@ -181,7 +189,7 @@ class TextCodec(Codec):
             if "\n" in value:
                 raise ValueError(f"text format: value for key {key!r} contains a newline")
 
-    def encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
+    def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
         out = []
         for key, value in ops:
             assert not isinstance(value, bytes)

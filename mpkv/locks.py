@@ -1,4 +1,4 @@
-"""Locks: the cross-process writer lock and the in-process reader-writer lock.
+"""The cross-process writer lock.
 
 The writer lock is ``flock(LOCK_EX)`` on ``.mpkv/lock``, taken with ``fcntl`` on a
 descriptor held open for the store's life: about 1 µs a cycle, against ~90 µs for a
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import threading
 import time
 
 from .errors import LockTimeout
@@ -58,42 +57,3 @@ class WriterLock:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-class RWLock:
-    """Many readers or one writer; a waiting writer holds back new readers (no starvation).
-
-    Built on a condition variable, not on the GIL, so it holds on free-threaded Python.
-    Not reentrant: a thread must not take the read side twice while a writer may wait.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    def acquire_read(self) -> None:
-        with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-
-    def release_read(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            if not self._readers:
-                self._cond.notify_all()
-
-    def acquire_write(self) -> None:
-        with self._cond:
-            self._waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting -= 1
-            self._writer = True
-
-    def release_write(self) -> None:
-        with self._cond:
-            self._writer = False
-            self._cond.notify_all()

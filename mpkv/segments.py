@@ -168,10 +168,7 @@ class Cursor:
         self.fd = -1
         self.offset = 0
         self.units = 0  # size of the current segment in the limit's units
-
-    @property
-    def number(self) -> int:
-        return parse_name(self.name)[0] if self.name else 0  # type: ignore[index]
+        self.number = 0  # the current segment's number (0: none yet)
 
     def _enter(self, name: str, flags: int = 0) -> None:
         mode = os.O_RDWR if self.writable else os.O_RDONLY
@@ -181,6 +178,7 @@ class Cursor:
             raise NeedReload from None
         self.close()
         self.name, self.fd, self.offset, self.units = name, fd, 0, 0
+        self.number = parse_name(name)[0]  # type: ignore[index]
 
     def _next(self) -> str | None:
         return next((n for n in list_segments(self.path) if self.name is None or n > self.name),
@@ -234,11 +232,12 @@ class Cursor:
         self.offset = offset
 
     def append(self, data: bytes, units: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, self.offset)
+        n = os.pwrite(self.fd, data, self.offset)
+        while n < len(data):  # a short write: rare, but legal
+            data = data[n:]
             self.offset += n
-            view = view[n:]
+            n = os.pwrite(self.fd, data, self.offset)
+        self.offset += n
         self.units += units
 
     def rotate(self) -> None:

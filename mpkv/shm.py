@@ -17,7 +17,7 @@ import zlib
 MAGIC = 0x314D48534B56504D  # b"MPVKSHM1" as a little-endian integer
 SIZE = 64
 # Slots of unsigned 64-bit integers.
-_MAGIC, _BOOT, _SEQ, _SEG, _END, _INFLIGHT = range(6)
+_MAGIC, _BOOT, SEQ, _SEG, _END, _INFLIGHT = range(6)
 
 
 def _boot_id() -> int:
@@ -40,63 +40,70 @@ class SharedState:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY, 0o644)
         except FileNotFoundError:
-            self._q = memoryview(bytearray(SIZE)).cast("Q")  # no file: never trusted
+            self.slots = memoryview(bytearray(SIZE)).cast("Q")  # no file: never trusted
             return
         try:
             if writable and os.fstat(fd).st_size < SIZE:
                 os.ftruncate(fd, SIZE)
             if os.fstat(fd).st_size < SIZE:
-                self._q = memoryview(bytearray(SIZE)).cast("Q")
+                self.slots = memoryview(bytearray(SIZE)).cast("Q")
                 return
             access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
             self._mm = mmap.mmap(fd, SIZE, access=access)
         finally:
             os.close(fd)
-        self._q = memoryview(self._mm).cast("Q")
+        #: the slots as unsigned 64-bit integers; ``slots[SEQ]`` is the fast-path read
+        self.slots = memoryview(self._mm).cast("Q")
 
     @property
     def seq(self) -> int:
-        return self._q[_SEQ]
+        return self.slots[SEQ]
 
     @property
     def trusted(self) -> bool:
-        return self._q[_MAGIC] == MAGIC and self._q[_BOOT] == BOOT_ID
+        return self.slots[_MAGIC] == MAGIC and self.slots[_BOOT] == BOOT_ID
 
     @property
     def inflight(self) -> bool:
         """True when a writer started changing files and has not published: maybe it died."""
-        return bool(self._q[_INFLIGHT])
+        return bool(self.slots[_INFLIGHT])
+
+    def writer_may_trust(self) -> bool:
+        """For a writer holding the lock: the published point is the true end of the log
+        (trusted state, and the last writer finished rather than died mid-write)."""
+        q = self.slots
+        return q[_MAGIC] == MAGIC and q[_BOOT] == BOOT_ID and not q[_INFLIGHT]
 
     def snapshot(self) -> tuple[int, int, int] | None:
         """A consistent ``(seq, segment, end)``, or None when untrusted."""
-        q = self._q
+        q = self.slots
         for attempt in range(10000):
-            seq = q[_SEQ]
+            seq = q[SEQ]
             if seq & 1:
                 if attempt > 100:
                     time.sleep(0.0001)  # a writer mid-publish (or one that died there)
                 continue
             seg, end = q[_SEG], q[_END]
-            if q[_SEQ] == seq:
+            if q[SEQ] == seq:
                 return (seq, seg, end) if self.trusted else None
         return None
 
     def begin(self) -> None:
-        self._q[_INFLIGHT] = 1
+        self.slots[_INFLIGHT] = 1
 
     def publish(self, segment: int, end: int) -> int:
         """Make ``(segment, end)`` the commit point; return the new seq. Writer lock held."""
-        q = self._q
+        q = self.slots
         if not self.trusted:
             q[_MAGIC], q[_BOOT] = MAGIC, BOOT_ID
-        seq = q[_SEQ] | 1  # odd: update in progress
-        q[_SEQ] = seq
+        seq = q[SEQ] | 1  # odd: update in progress
+        q[SEQ] = seq
         q[_SEG], q[_END] = segment, end
-        q[_SEQ] = seq + 1
+        q[SEQ] = seq + 1
         q[_INFLIGHT] = 0
         return seq + 1
 
     def close(self) -> None:
-        self._q.release()
+        self.slots.release()
         if self._mm is not None:
             self._mm.close()

@@ -23,7 +23,7 @@ import filelock
 from . import compaction, snapshot
 from .codec import Op, Value
 from .errors import ClosedError, Error, FormatError, ReadOnlyError
-from .locks import RWLock, WriterLock
+from .locks import WriterLock
 from .segments import (
     AUX,
     DEFAULT_MAX_SEGMENT_BYTES,
@@ -39,7 +39,7 @@ from .segments import (
     parse_name,
     read_meta,
 )
-from .shm import SharedState
+from .shm import SEQ, SharedState
 
 COMPACT_LOCK = "compact.lock"
 FSYNC_MODES = ("always", "periodic", "never")
@@ -84,6 +84,7 @@ class Store(MutableMapping[str, Value]):
         self.fsync = fsync or "periodic"
         self.fsync_interval = float(fsync_interval)
         self.max_staleness = max_staleness
+        self._lazy = max_staleness != 0  # reads must check the clock, not just the counter
         self.readonly = bool(readonly)
         self.lock_timeout = lock_timeout
         self._options = dict(max_segment_bytes=max_segment_bytes, format=format, fsync=fsync,
@@ -123,7 +124,7 @@ class Store(MutableMapping[str, Value]):
         self._write_mutex = threading.RLock()  # one writer thread at a time in this process
         self._tail_mutex = threading.Lock()  # guards the cursor and view updates
         self._sync_mutex = threading.Lock()  # guards fsync bookkeeping
-        self._rw = RWLock()  # readers of the view vs. whoever changes it
+        self._version = 0  # odd while a batch is being applied to the view
         self._wlock = None if self.readonly else WriterLock(os.path.join(aux, LOCK),
                                                             self.lock_timeout)
         self._shm = SharedState(os.path.join(aux, SHM), writable=not self.readonly)
@@ -143,6 +144,7 @@ class Store(MutableMapping[str, Value]):
         except BaseException:
             self._close_files()
             raise
+        self._q = self._shm.slots
         self._epoch = _fork_epoch[0]
 
     def _check(self) -> None:
@@ -200,11 +202,7 @@ class Store(MutableMapping[str, Value]):
             old = self._view
             changes: list[Op] = [(k, v) for k, v in view.items() if old.get(k, _MISSING) != v]
             changes += [(k, None) for k in old if k not in view]
-            self._rw.acquire_write()
-            try:
-                self._view = view
-            finally:
-                self._rw.release_write()
+            self._view = view  # one reference store: readers see the old or the new view
             self._notify(changes)
             self._cursor.close()
             self._cursor = cursor
@@ -212,8 +210,10 @@ class Store(MutableMapping[str, Value]):
         raise Error(f"{self.path}: could not read a stable set of segments (compaction loop?)")
 
     def _apply(self, batches: list[list[Op]]) -> None:
+        """Change the view; tail mutex held. The version is odd meanwhile, so optimistic
+        readers retry (a seqlock): a batch is seen whole or not at all."""
         view = self._view
-        self._rw.acquire_write()
+        self._version += 1
         try:
             for ops in batches:
                 for key, value in ops:
@@ -222,7 +222,7 @@ class Store(MutableMapping[str, Value]):
                     else:
                         view[key] = value
         finally:
-            self._rw.release_write()
+            self._version += 1
         if self._listeners:
             self._notify([op for ops in batches for op in ops])
 
@@ -251,14 +251,21 @@ class Store(MutableMapping[str, Value]):
             return self._catch_up(self._reader_limit())[0]
 
     # --- reads ---------------------------------------------------------------------
+    #
+    # Readers take no lock: they note the view's version, read, and check the version
+    # did not move (nor was odd: a batch half applied). If it did, they read again under
+    # the tail mutex, which every writer of the view holds. Reads run in parallel and
+    # never delay a writer.
 
     def get(self, key: str, default: Any = None) -> Any:
-        self._fresh()
-        self._rw.acquire_read()
-        try:
+        if self._epoch != _fork_epoch[0] or self._q[SEQ] != self._seen_seq or self._lazy:
+            self._fresh()
+        version = self._version
+        value = self._view.get(key, default)
+        if version == self._version and not version & 1:
+            return value
+        with self._tail_mutex:
             return self._view.get(key, default)
-        finally:
-            self._rw.release_read()
 
     def __getitem__(self, key: str) -> Value:
         value = self.get(key, _MISSING)
@@ -270,21 +277,17 @@ class Store(MutableMapping[str, Value]):
         return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        self._fresh()
-        self._rw.acquire_read()
-        try:
-            return len(self._view)
-        finally:
-            self._rw.release_read()
+        return len(self._copy())
 
     def _copy(self) -> dict[str, Value]:
         """A point-in-time copy of the view: iteration never tears or raises."""
         self._fresh()
-        self._rw.acquire_read()
-        try:
+        version = self._version
+        copy = dict(self._view)
+        if version == self._version and not version & 1:
+            return copy
+        with self._tail_mutex:
             return dict(self._view)
-        finally:
-            self._rw.release_read()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._copy())
@@ -325,8 +328,10 @@ class Store(MutableMapping[str, Value]):
         """Append ``ops`` as one atomic unit under the writer lock; with ``existed``,
         return whether that key was live just before (checked under the lock)."""
         records = self._encode(ops)
+        wlock = self._wlock
+        assert wlock is not None
         with self._write_mutex:
-            self._lock()
+            wlock.acquire()
             try:
                 with self._tail_mutex:
                     self._sync_with_log()
@@ -335,8 +340,9 @@ class Store(MutableMapping[str, Value]):
                         return False
                     self._append(records, ops)
             finally:
-                self._unlock()
-        self._after_write()
+                wlock.release()
+        if self.fsync != "never":
+            self._after_write()
         return was
 
     def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
@@ -364,7 +370,7 @@ class Store(MutableMapping[str, Value]):
         The cheap path trusts the shared state: the counter we last saw and no writer
         that died mid-write. Otherwise read everything to the end of the files."""
         shm = self._shm
-        if self._verified and shm.trusted and not shm.inflight:
+        if self._verified and shm.writer_may_trust():
             if shm.seq == self._seen_seq:
                 return
             seq, seg, _ = shm.snapshot() or (shm.seq, 0, 0)
