@@ -140,7 +140,10 @@ class Store(MutableMapping[str, Value]):
         self._syncer: threading.Thread | None = None
         try:
             with self._tail_mutex:
-                self._catch_up(self._reader_limit())
+                # No writer mid-commit: read to the end of the files, so that records the
+                # shared state does not know (it may be stale) are seen and checked too.
+                seq, limit = self._reader_limit()
+                self._catch_up((seq, None if not self._shm.inflight else limit))
         except BaseException:
             self._close_files()
             raise
@@ -262,6 +265,8 @@ class Store(MutableMapping[str, Value]):
             self._fresh()
         version = self._version
         value = self._view.get(key, default)
+        if value is default and not isinstance(key, str):  # checked on misses only: free
+            raise TypeError(f"key must be str, not {type(key).__name__}")
         if version == self._version and not version & 1:
             return value
         with self._tail_mutex:
@@ -385,11 +390,18 @@ class Store(MutableMapping[str, Value]):
         """Write records at the cursor, rotating as needed, then publish. Both locks held."""
         cursor = self._cursor
         self._shm.begin()
+        pending: list[bytes] = []  # records bound for the current segment: one write
+        used = cursor.units
         for data, units in records:
-            full = cursor.units and cursor.units + units > self.max_segment_bytes
-            if cursor.name is None or full:
+            if cursor.name is None or (used and used + units > self.max_segment_bytes):
+                if pending:
+                    cursor.append(b"".join(pending), used - cursor.units)
+                    pending = []
                 self._rotate()
-            cursor.append(data, units)
+                used = 0
+            pending.append(data)
+            used += units
+        cursor.append(pending[0] if len(pending) == 1 else b"".join(pending), used - cursor.units)
         self._appended += 1
         self._apply([ops])
         self._seen_seq = self._shm.publish(cursor.number, cursor.offset)
