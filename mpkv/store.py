@@ -155,7 +155,11 @@ class Store(MutableMapping[str, Value]):
         if self._epoch == -1:
             raise ClosedError(f"{self.path}: store is closed")
         if self._epoch != _fork_epoch[0]:
-            self._open_files()  # inherited descriptors share locks with the parent: replace
+            # First use in a forked child: inherited descriptors share the parent's
+            # lock and file offsets, and threading locks may be held by threads that do
+            # not exist here. Start over with our own.
+            self._close_files()
+            self._open_files()
 
     def _writable(self) -> None:
         if self._epoch != _fork_epoch[0]:

@@ -1,0 +1,581 @@
+"""``mpkv stress``: processes x threads hammer one store, then a checker judges the history.
+
+With many processes the only sound question is "could a correct store have produced
+what every client saw?", so workers assert nothing. Each worker thread logs every
+operation to its own JSON-lines file: an *invoke* line (op, keys, values to write,
+``time.monotonic_ns()``) written before the call, a *return* line (values read, time)
+after it. CLOCK_MONOTONIC is one clock for every process on Linux, so the windows of
+different processes compare. Afterwards the checker verifies:
+
+(a) every way of reading the log gives one state: a view that tailed the whole run, a
+    fresh open and a raw replay of the segment files; ``mpkv.verify`` finds no damage;
+(b) no acknowledged write was lost: each key's final value was left by a write that no
+    write acknowledged later superseded;
+(c) each key's history (final state included) is linearizable for a register, by the
+    Wing & Gong search with Porcupine's memoisation of (linearized set, value) states.
+
+Operations in flight when their process was SIGKILLed may or may not have taken
+effect: they get an infinite return time and the search may leave them out.
+Scheduling makes no two runs alike; ``--seed`` fixes the choices, not the interleaving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import glob
+import json
+import math
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .recovery import verify
+from .segments import list_segments, read_meta
+from .store import Store
+
+#: one value a register can hold: a written string, or None for "no key"
+Reg = str | None
+#: what one operation read: a value, or for delete() whether the key existed
+Read = str | bool | None
+MAX_STEPS = 2_000_000  # search steps per key before a history is called undecided
+
+
+# --- the history a worker thread records ---------------------------------------------
+
+
+@dataclass
+class Event:
+    """One call of one worker thread. ``ret`` is ``math.inf`` when it never returned."""
+
+    op: str  # get, put, delete, del (``del store[k]``), tx, readtx
+    keys: list[str]
+    writes: list[Reg]  # parallel to keys (puts and deletes); empty for reads
+    call: int
+    ret: float = math.inf
+    reads: list[Read] = field(default_factory=list)
+    error: str = ""
+
+
+def perform(store: Store, op: str, keys: list[str], writes: list[Reg]) -> list[Read]:
+    """Run one operation on the store; return what it read."""
+    if op == "get":
+        return [store.get(keys[0])]
+    if op == "put":
+        store.put(keys[0], writes[0])  # type: ignore[arg-type]
+        return []
+    if op == "delete":
+        return [store.delete(keys[0])]
+    if op == "del":
+        try:
+            del store[keys[0]]
+        except KeyError:
+            return [False]
+        return [True]
+    with store.transaction() as tx:  # tx, readtx: read every key, then write
+        reads: list[Read] = [tx.get(k) for k in keys]
+        for key, value in zip(keys, writes):
+            if value is None:
+                tx.delete(key)
+            else:
+                tx.put(key, value)
+    return reads
+
+
+def random_op(rng: random.Random, keys: list[str], tag: str) -> tuple[str, list[str], list[Reg]]:
+    """A random operation; ``tag`` makes every value written unique in the whole run."""
+    r = rng.random()
+    key = rng.choice(keys)
+    if r < 0.35:
+        return "get", [key], []
+    if r < 0.60:
+        return "put", [key], [tag]
+    if r < 0.67:
+        return "delete", [key], [None]
+    if r < 0.70:
+        return "del", [key], [None]
+    chosen = rng.sample(keys, rng.randint(1, 3))
+    if r < 0.75:
+        return "readtx", chosen, []
+    return "tx", chosen, [None if rng.random() < 0.1 else f"{tag}.{j}"
+                          for j in range(len(chosen))]
+
+
+class HistoryFile:
+    """Append-only JSON lines written with one ``write`` each, so a SIGKILL loses at
+    most the line being written, never one already written."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def log(self, obj: dict[str, Any]) -> None:
+        os.write(self.fd, (json.dumps(obj) + "\n").encode())
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def read_history(path: str) -> list[Event]:
+    """Parse one thread's file; a call without a return line stays in flight."""
+    events: dict[int, Event] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # the line a SIGKILL cut short
+            if "op" in rec:
+                events[rec["i"]] = Event(rec["op"], rec["k"], rec["w"], rec["t0"])
+            elif rec["i"] in events:
+                event = events[rec["i"]]
+                if "err" in rec:
+                    event.error = rec["err"]
+                else:
+                    event.ret, event.reads = rec["t1"], rec["r"]
+    return list(events.values())
+
+
+# --- worker processes ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    processes: int = 3
+    threads: int = 2
+    seconds: float = 12.0
+    keys: int = 50
+    kill: bool = False
+    kill_compactor: bool = False
+    compact: bool = False
+    format: str = "binary"
+    fsync: str = "periodic"
+    max_segment_bytes: int = 4096
+    seed: int = 0
+    dir: str = ""
+
+    @property
+    def store(self) -> str:
+        return os.path.join(self.dir, "store")
+
+    @property
+    def history(self) -> str:
+        return os.path.join(self.dir, "history")
+
+    def open(self) -> Store:
+        return Store(self.store, max_segment_bytes=self.max_segment_bytes, format=self.format,
+                     fsync=self.fsync)
+
+    def key_names(self) -> list[str]:
+        return [f"k{i:03d}" for i in range(self.keys)]
+
+
+def _thread_loop(cfg: Config, store: Store, name: str, deadline: int) -> None:
+    rng = random.Random(f"{cfg.seed}/{name}")
+    keys = cfg.key_names()
+    history = HistoryFile(os.path.join(cfg.history, f"{name}.jsonl"))
+    seq = 0
+    try:
+        while time.monotonic_ns() < deadline:
+            seq += 1
+            op, ks, ws = random_op(rng, keys, f"{name}-{seq}")
+            history.log({"i": seq, "op": op, "k": ks, "w": ws, "t0": time.monotonic_ns()})
+            try:
+                reads = perform(store, op, ks, ws)
+            except Exception as exc:
+                history.log({"i": seq, "err": f"{type(exc).__name__}: {exc}"})
+                continue
+            history.log({"i": seq, "t1": time.monotonic_ns(), "r": reads})
+    finally:
+        history.close()
+
+
+def _report_crash(cfg: Config, name: str) -> None:
+    with open(os.path.join(cfg.history, f"{name}.crash"), "w", encoding="utf-8") as f:
+        f.write(traceback.format_exc())
+
+
+def worker(cfg: Config, proc: int, incarnation: int, deadline: int) -> None:
+    """One writer process: ``cfg.threads`` threads sharing one Store until the deadline."""
+    name = f"p{proc}i{incarnation}"
+    try:
+        store = cfg.open()
+        threads = [threading.Thread(target=_thread_loop,
+                                    args=(cfg, store, f"{name}t{t}", deadline))
+                   for t in range(cfg.threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        store.close()
+    except BaseException:
+        _report_crash(cfg, name)
+        raise
+
+
+def compactor(cfg: Config, incarnation: int, deadline: int) -> None:
+    """Compact every ~0.5 s; one line per finished compaction, so kills lose no count."""
+    name = f"compactor{incarnation}"
+    try:
+        with cfg.open() as store, open(os.path.join(cfg.history, f"{name}.log"), "a",
+                                       encoding="utf-8") as log:
+            while time.monotonic_ns() < deadline:
+                log.write(json.dumps(store.compact()) + "\n")
+                log.flush()
+                time.sleep(0.5)
+    except BaseException:
+        _report_crash(cfg, name)
+        raise
+
+
+# --- the checker -------------------------------------------------------------------------
+
+
+class Expect(enum.Enum):
+    """Read constraints other than "read exactly this value"."""
+
+    ANY = "any"  # the operation read nothing (or its result is unknown)
+    PRESENT = "present"  # delete() said the key existed
+    ABSENT = "absent"  # delete() said it did not
+
+
+class Keep(enum.Enum):
+    """The operation wrote nothing."""
+
+    KEEP = "keep"
+
+
+@dataclass(frozen=True)
+class RegOp:
+    """One operation on one key: check ``expect`` against the value, then set ``write``."""
+
+    call: float
+    ret: float  # math.inf: in flight at a kill, may or may not have taken effect
+    expect: Expect | Reg = Expect.ANY
+    write: Keep | Reg = Keep.KEEP
+
+    def step(self, value: Reg) -> tuple[bool, Reg]:
+        e = self.expect
+        if e is Expect.ANY:
+            ok = True
+        elif e is Expect.PRESENT or e is Expect.ABSENT:
+            ok = (value is not None) == (e is Expect.PRESENT)
+        else:
+            ok = value == e
+        return ok, value if isinstance(self.write, Keep) else self.write
+
+
+def linearizable(ops: list[RegOp], initial: Reg = None,
+                 max_steps: int = MAX_STEPS) -> bool | None:
+    """Is there a linearization of ``ops`` for a register? None: undecided (step cap).
+
+    Porcupine's algorithm: call and return entries sorted by time in a linked list;
+    linearize the first call that the model accepts and whose (set, value) state was
+    not seen before, lifting it and its return out of the list; reaching a return entry
+    means the op it closes cannot be linearized yet: backtrack. Reaching the return of
+    an op in flight at a kill means every completed op is linearized: done.
+    """
+    entries = sorted([(op.call, 0, i) for i, op in enumerate(ops)]
+                     + [(op.ret, 1, i) for i, op in enumerate(ops)])
+    end = len(entries) + 1  # positions 1..len are entries, 0 the head, end the tail
+    nxt = list(range(1, end + 1))
+    prv = list(range(-1, end))
+    op_at = [0] + [i for _, _, i in entries]
+    is_call = [False] + [kind == 0 for _, kind, _ in entries]
+    ret_pos = [0] * len(ops)
+    for pos, (_, kind, i) in enumerate(entries, start=1):
+        if kind:
+            ret_pos[i] = pos
+
+    def lift(pos: int) -> None:
+        for p in (pos, ret_pos[op_at[pos]]):
+            nxt[prv[p]], prv[nxt[p]] = nxt[p], prv[p]
+
+    def unlift(pos: int) -> None:
+        for p in (ret_pos[op_at[pos]], pos):
+            nxt[prv[p]] = prv[nxt[p]] = p
+
+    seen: set[tuple[int, Reg]] = set()
+    stack: list[tuple[int, Reg]] = []
+    linearized, value, pos = 0, initial, nxt[0]
+    for _ in range(max_steps):
+        if pos == end:
+            return True
+        i = op_at[pos]
+        if is_call[pos]:
+            ok, new = ops[i].step(value)
+            state = (linearized | 1 << i, new)
+            if ok and state not in seen:
+                seen.add(state)
+                stack.append((pos, value))
+                linearized, value = state
+                lift(pos)
+                pos = nxt[0]
+            else:
+                pos = nxt[pos]
+        elif ops[i].ret == math.inf:
+            return True
+        elif not stack:
+            return False
+        else:
+            pos, value = stack.pop()
+            linearized &= ~(1 << op_at[pos])
+            unlift(pos)
+            pos = nxt[pos]
+    return None
+
+
+def register_ops(events: Iterable[Event]) -> dict[str, list[RegOp]]:
+    """Split every event into per-key register operations (a transaction's read and
+    write of one key become one read-modify-write with the transaction's window)."""
+    per_key: dict[str, list[RegOp]] = defaultdict(list)
+    for e in events:
+        done = e.ret != math.inf and not e.error
+        if not done and not e.writes:
+            continue  # a read that never returned constrains nothing
+        for j, key in enumerate(e.keys):
+            write: Keep | Reg = e.writes[j] if e.writes else Keep.KEEP
+            expect: Expect | Reg = Expect.ANY
+            if done and e.op in ("delete", "del"):
+                expect = Expect.PRESENT if e.reads[0] else Expect.ABSENT
+            elif done and e.op != "put":
+                expect = e.reads[j]  # type: ignore[assignment]
+            per_key[key].append(RegOp(e.call, e.ret if done else math.inf, expect, write))
+    return per_key
+
+
+def lost_write(ops: list[RegOp], final: Reg) -> str:
+    """Why ``final`` cannot be the key's last value ("" when it can): it must have been
+    written by some write that no acknowledged write started after the return of."""
+    writes = [op for op in ops if not isinstance(op.write, Keep)]
+    done = [op for op in writes if op.ret != math.inf]
+    sources = [op for op in writes if op.write == final]
+    if final is None and not done:
+        return ""  # never written: still absent
+    if not sources:
+        return f"final value {final!r} was never written"
+    if any(not any(later.call > src.ret for later in done) for src in sources):
+        return ""
+    lost = max(done, key=lambda op: op.call)
+    return f"final value {final!r}, but the acknowledged write {lost.write!r} came after it"
+
+
+def replay_segments(path: str) -> dict[str, Reg | bytes]:
+    """The state the segment files add up to, read raw (no Store, no commit point);
+    an incomplete record at the end of the newest segment is ignored, as torn."""
+    meta = read_meta(path)
+    assert meta is not None
+    codec, state = meta.codec, {}
+    names = list_segments(path)
+    for n, name in enumerate(names):
+        with open(os.path.join(path, name), "rb") as f:
+            decoded = codec.decode(f.read())
+        if decoded.problem and not (decoded.torn and n == len(names) - 1):
+            raise ValueError(f"{name}: {decoded.problem} at offset {decoded.stop}")
+        for ops in decoded.batches:
+            for key, value in ops:
+                if value is None:
+                    state.pop(key, None)
+                else:
+                    state[key] = value
+    return state
+
+
+@dataclass
+class Verdict:
+    ops: int = 0
+    in_flight: int = 0
+    errors: list[str] = field(default_factory=list)  # exceptions, crashes, state mismatch
+    lost: list[str] = field(default_factory=list)
+    nonlinearizable: list[str] = field(default_factory=list)
+    undecided: list[str] = field(default_factory=list)
+
+    @property
+    def violations(self) -> int:
+        return len(self.errors) + len(self.lost) + len(self.nonlinearizable)
+
+
+def check_history(events: list[Event], final: dict[str, Reg], keys: list[str],
+                  max_steps: int = MAX_STEPS) -> Verdict:
+    """Checks (b) and (c): the final state is read by one last op after everything."""
+    verdict = Verdict(ops=len(events), in_flight=sum(e.ret == math.inf for e in events))
+    verdict.errors += [f"{e.op} {e.keys}: {e.error}" for e in events if e.error]
+    per_key = register_ops(events)
+    after = max((e.ret for e in events if e.ret != math.inf), default=0) + 1
+    for key in keys:
+        ops = per_key.get(key, [])
+        why = lost_write(ops, final.get(key))
+        if why:
+            verdict.lost.append(f"{key}: {why}")
+        ops = [*ops, RegOp(after, after + 1, final.get(key))]
+        result = linearizable(ops, max_steps=max_steps)
+        if result is None:
+            verdict.undecided.append(key)
+        elif not result:
+            verdict.nonlinearizable.append(f"{key}: {len(ops)} ops, no linearization")
+    return verdict
+
+
+def check_state(cfg: Config, tailing: Store) -> tuple[dict[str, Reg], list[str]]:
+    """Check (a); return the final state and the problems found."""
+    problems = []
+    report = verify(cfg.store)
+    if not report.ok:
+        problems.append(f"verify: {report.summary()}")
+    seen = dict(tailing.items())
+    with cfg.open() as fresh:
+        state = dict(fresh.items())
+    try:
+        replayed = replay_segments(cfg.store)
+    except ValueError as exc:
+        problems.append(f"replay: {exc}")
+        replayed = state
+    for name, other in (("tailing view", seen), ("raw replay", replayed)):
+        if other != state:
+            diff = sorted(k for k in state.keys() | other.keys() if state.get(k) != other.get(k))
+            problems.append(f"{name} differs from a fresh open on keys {diff[:5]}")
+    return {k: v if isinstance(v, str) else None for k, v in state.items()}, problems
+
+
+# --- running it ----------------------------------------------------------------------------
+
+
+@dataclass
+class Supervisor:
+    """Starts, kills and restarts the processes of a run."""
+
+    cfg: Config
+    deadline: int
+    ctx: Any = field(default_factory=lambda: multiprocessing.get_context("spawn"))
+    procs: dict[str, Any] = field(default_factory=dict)
+    incarnations: dict[str, int] = field(default_factory=dict)
+    kills: int = 0
+
+    def start(self, name: str) -> None:
+        inc = self.incarnations.get(name, -1) + 1
+        self.incarnations[name] = inc
+        target: Callable[..., None]
+        if name == "compactor":
+            target, args = compactor, (self.cfg, inc, self.deadline)
+        else:
+            target, args = worker, (self.cfg, int(name[1:]), inc, self.deadline)
+        self.procs[name] = self.ctx.Process(target=target, args=args, name=name, daemon=True)
+        self.procs[name].start()
+
+    def kill_one(self, rng: random.Random) -> None:
+        names = [n for n in self.procs if n != "compactor" or self.cfg.kill_compactor]
+        name = rng.choice(sorted(names))
+        self.procs[name].kill()
+        self.procs[name].join()
+        self.kills += 1
+        self.start(name)
+
+    def join(self, timeout: float) -> list[str]:
+        """Wait for every process; the ones that hang or fail are problems."""
+        problems = []
+        for name, proc in self.procs.items():
+            proc.join(max(timeout - time.monotonic(), 0.1))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+                problems.append(f"{name} hung past the deadline (killed)")
+            elif proc.exitcode != 0:
+                problems.append(f"{name} exited with status {proc.exitcode}")
+        return problems
+
+
+def run(cfg: Config) -> tuple[Verdict, dict[str, int]]:
+    """One stress run in ``cfg.dir``: workload, then the checks."""
+    os.makedirs(cfg.history, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    with cfg.open() as tailing:
+        sup = Supervisor(cfg, time.monotonic_ns() + int(cfg.seconds * 1e9))
+        for p in range(cfg.processes):
+            sup.start(f"p{p}")
+        if cfg.compact:
+            sup.start("compactor")
+        while time.monotonic_ns() < sup.deadline:
+            pause = rng.uniform(0.2, 1.0) if cfg.kill else 0.05
+            time.sleep(min(pause, max((sup.deadline - time.monotonic_ns()) / 1e9, 0)))
+            len(tailing)  # keep one view tailing through rotations and compactions
+            if cfg.kill and time.monotonic_ns() < sup.deadline:
+                sup.kill_one(rng)
+        problems = sup.join(time.monotonic() + 60)
+        problems += [f"{os.path.basename(f)}: {open(f).read().strip().splitlines()[-1]}"
+                     for f in glob.glob(os.path.join(cfg.history, "*.crash"))]
+        final, state_problems = check_state(cfg, tailing)
+    events = [e for f in sorted(glob.glob(os.path.join(cfg.history, "*.jsonl")))
+              for e in read_history(f)]
+    verdict = check_history(events, final, cfg.key_names())
+    verdict.errors += problems + state_problems
+    compactions = sum(1 for f in glob.glob(os.path.join(cfg.history, "compactor*.log"))
+                      for _ in open(f))
+    return verdict, {"kills": sup.kills, "compactions": compactions}
+
+
+def parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = argparse.ArgumentParser(
+        prog="mpkv stress", description="Processes x threads doing random put/get/delete/"
+        "transactions on one store with constant rotation; then check that the history is "
+        "linearizable per key, no acknowledged write is lost and the log replays to the "
+        "final state. Exit 1 on any violation.")
+    p.add_argument("--processes", type=int, default=d.processes)
+    p.add_argument("--threads", type=int, default=d.threads, help="threads per process")
+    p.add_argument("--seconds", type=float, default=d.seconds, help="length of the workload")
+    p.add_argument("--keys", type=int, default=d.keys, help="size of the (contended) key space")
+    p.add_argument("--kill", action="store_true",
+                   help="SIGKILL a random worker process every 0.2-1 s and restart it")
+    p.add_argument("--kill-compactor", action="store_true",
+                   help="with --kill --compact, the compactor may be killed too")
+    p.add_argument("--compact", action="store_true", help="a process compacting every ~0.5 s")
+    p.add_argument("--format", choices=["binary", "text"], default=d.format)
+    p.add_argument("--fsync", choices=["always", "periodic", "never"], default=d.fsync)
+    p.add_argument("--max-segment-bytes", type=int, default=d.max_segment_bytes)
+    p.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    p.add_argument("--dir", default=None,
+                   help="where the store and histories go (kept); default: a temporary "
+                   "directory, kept only when a violation is found")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    args = parser().parse_args(argv)
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    base = args.dir or tempfile.mkdtemp(prefix="mpkv-stress-")
+    if args.dir and os.path.exists(os.path.join(args.dir, "store")):
+        print(f"mpkv stress: {args.dir} already holds a run; use a new directory",
+              file=sys.stderr)
+        return 2
+    cfg = Config(args.processes, args.threads, args.seconds, args.keys, args.kill,
+                 args.kill_compactor, args.compact, args.format, args.fsync,
+                 args.max_segment_bytes, seed, os.path.abspath(base))
+    started = time.monotonic()
+    verdict, counts = run(cfg)
+    for title, items in (("error", verdict.errors), ("lost write", verdict.lost),
+                         ("not linearizable", verdict.nonlinearizable)):
+        for item in items[:20]:
+            print(f"mpkv stress: {title}: {item}", file=sys.stderr)
+    if verdict.violations:
+        print(f"mpkv stress: run kept in {base}; reproduce the setup with the same options "
+              f"and --seed {seed}", file=sys.stderr)
+    elif not args.dir:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"mpkv stress: {'FAIL' if verdict.violations else 'OK'} ops={verdict.ops} "
+          f"in_flight={verdict.in_flight} keys={cfg.keys} processes={cfg.processes} "
+          f"threads={cfg.threads} kills={counts['kills']} compactions={counts['compactions']} "
+          f"violations={verdict.violations} undecided={len(verdict.undecided)} "
+          f"format={cfg.format} fsync={cfg.fsync} seed={seed} "
+          f"seconds={time.monotonic() - started:.1f}")
+    return 1 if verdict.violations else 0
