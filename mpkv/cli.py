@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from . import recovery
 from .codec import Value
@@ -205,11 +205,19 @@ def cmd_stress(args: argparse.Namespace) -> int:
     return stress.main(args.rest)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), as for every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mpkv", description="A key-value store many processes share through one "
         "directory. The store directory comes first; it is created by writes when missing.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=_Parser)
 
     def add(name: str, help: str, func: Any, *args: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
