@@ -129,7 +129,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     report = recovery.verify(args.path)
     with _open(args, readonly=True) as store:
         live = store.items()
-        live_bytes = sum(len(r) for k, v in live for r, _ in store._codec.encode([(k, v)]))
+        limit = store.max_segment_bytes
+        live_bytes = sum(len(r) for k, v in live for r, _ in store._codec.encode([(k, v)], limit))
         print(f"path: {store.path}")
         print(f"format: {store.format}")
         print(f"max_segment_bytes: {store.max_segment_bytes}")

@@ -27,6 +27,8 @@ class Decoded:
     ends: list[int] = field(default_factory=list)
     #: size units (bytes, or characters for text) of each batch
     units: list[int] = field(default_factory=list)
+    #: per batch: True when its atomic unit continues in the next record
+    more: list[bool] = field(default_factory=list)
     #: offset of the first byte not decoded, == len(buf) when all was decoded
     stop: int = 0
     #: why decoding stopped before the end: "" when it did not
@@ -47,15 +49,16 @@ class Codec:
         if not delete and not isinstance(value, (str, bytes)):
             raise TypeError(f"value must be str or bytes, not {type(value).__name__}")
 
-    def encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
-        """Encode ops as records ``(bytes, size units)``; a list of one record is atomic.
-        ValueError for text that UTF-8 cannot encode (lone surrogates)."""
+    def encode(self, ops: list[Op], limit: int = 2**32) -> list[tuple[bytes, int]]:
+        """Encode ops as records ``(bytes, size units)``, each within ``limit`` units when
+        possible (a record over it means one op alone is too big). Binary records of one
+        call form one atomic unit. ValueError for text UTF-8 cannot encode (surrogates)."""
         try:
-            return self._encode(ops)
+            return self._encode(ops, limit)
         except UnicodeEncodeError as exc:
             raise ValueError(f"key or value is not encodable as UTF-8: {exc}") from None
 
-    def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
+    def _encode(self, ops: list[Op], limit: int) -> list[tuple[bytes, int]]:
         raise NotImplementedError
 
     def decode(self, buf: bytes) -> Decoded:
@@ -74,36 +77,48 @@ class Codec:
 HEADER = struct.Struct("<IIB")  # crc32, payload length, record type
 ENTRY = struct.Struct("<BII")  # op, key length, value length
 _SINGLE = struct.Struct("<IBBII")  # length and type, then the one entry's header
-RECORD_OPS = 1
+RECORD_OPS = 1  # entries; ends an atomic unit
+RECORD_OPS_MORE = 2  # entries; the unit continues in the next record
 OP_PUT_STR, OP_PUT_BYTES, OP_DELETE = 1, 2, 3
 
 
 class BinaryCodec(Codec):
-    """Length-prefixed, CRC-32-checked records; one record may carry a whole transaction."""
+    """Length-prefixed, CRC-32-checked records. A transaction is one record, or, when it
+    cannot fit in one segment, a run of records chained by type ``RECORD_OPS_MORE``."""
 
     name = "binary"
 
-    def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
+    def _encode(self, ops: list[Op], limit: int) -> list[tuple[bytes, int]]:
         if len(ops) == 1 and isinstance(ops[0][1], str):  # the common single put, faster
             k, v = ops[0][0].encode("utf-8"), ops[0][1].encode("utf-8")
             body = _SINGLE.pack(ENTRY.size + len(k) + len(v), RECORD_OPS, OP_PUT_STR,
                                 len(k), len(v)) + k + v
             record = struct.pack("<I", zlib.crc32(body)) + body
             return [(record, len(record))]
-        parts: list[bytes] = []
+        chunks: list[list[bytes]] = [[]]
+        size = HEADER.size
         for key, value in ops:
             k = key.encode("utf-8")
             if value is None:
-                parts += (ENTRY.pack(OP_DELETE, len(k), 0), k)
+                entry = ENTRY.pack(OP_DELETE, len(k), 0) + k
             elif isinstance(value, str):
                 v = value.encode("utf-8")
-                parts += (ENTRY.pack(OP_PUT_STR, len(k), len(v)), k, v)
+                entry = ENTRY.pack(OP_PUT_STR, len(k), len(v)) + k + v
             else:
-                parts += (ENTRY.pack(OP_PUT_BYTES, len(k), len(value)), k, value)
-        payload = b"".join(parts)
-        body = struct.pack("<IB", len(payload), RECORD_OPS) + payload
-        record = struct.pack("<I", zlib.crc32(body)) + body
-        return [(record, len(record))]
+                entry = ENTRY.pack(OP_PUT_BYTES, len(k), len(value)) + k + value
+            if chunks[-1] and size + len(entry) > limit:
+                chunks.append([])
+                size = HEADER.size
+            chunks[-1].append(entry)
+            size += len(entry)
+        records = []
+        for i, chunk in enumerate(chunks):
+            payload = b"".join(chunk)
+            rtype = RECORD_OPS if i == len(chunks) - 1 else RECORD_OPS_MORE
+            body = struct.pack("<IB", len(payload), rtype) + payload
+            record = struct.pack("<I", zlib.crc32(body)) + body
+            records.append((record, len(record)))
+        return records
 
     def _record_end(self, buf: bytes, pos: int) -> tuple[int, str]:
         """End offset of the valid record at ``pos``, or (-1, what is wrong with it)."""
@@ -116,7 +131,7 @@ class BinaryCodec(Codec):
             return -1, f"record length {length} runs past the end of the data"
         if zlib.crc32(memoryview(buf)[pos + 4 : end]) != crc:
             return -1, "checksum mismatch"
-        if rtype != RECORD_OPS:
+        if rtype not in (RECORD_OPS, RECORD_OPS_MORE):
             return -1, f"unknown record type {rtype}"
         return end, ""
 
@@ -163,6 +178,7 @@ class BinaryCodec(Codec):
             out.batches.append(ops)
             out.ends.append(end)
             out.units.append(end - pos)
+            out.more.append(buf[pos + 8] == RECORD_OPS_MORE)
             pos = end
         out.stop = pos
         return out
@@ -189,7 +205,7 @@ class TextCodec(Codec):
             if "\n" in value:
                 raise ValueError(f"text format: value for key {key!r} contains a newline")
 
-    def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
+    def _encode(self, ops: list[Op], limit: int) -> list[tuple[bytes, int]]:
         out = []
         for key, value in ops:
             assert not isinstance(value, bytes)
@@ -228,6 +244,7 @@ class TextCodec(Codec):
             out.batches.append([op])
             out.ends.append(pos)
             out.units.append(len(line) + 1)
+            out.more.append(False)
         else:
             if cut < len(buf):
                 # Only a last line without its newline can be a torn append; a complete

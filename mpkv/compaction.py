@@ -47,21 +47,11 @@ def _records(codec: Codec, items: list[Op], max_units: int) -> Iterator[tuple[by
     for op in items:
         chunk.append(op)
         size += 9 + len(op[0]) + len(op[1] or "")
-        if size >= min(_RECORD_TARGET, max_units // 2):
-            yield from _fit(codec, chunk, max_units)
+        if size >= _RECORD_TARGET:
+            yield from codec.encode(chunk, max_units)
             chunk, size = [], 0
     if chunk:
-        yield from _fit(codec, chunk, max_units)
-
-
-def _fit(codec: Codec, ops: list[Op], max_units: int) -> Iterator[tuple[bytes, int]]:
-    records = codec.encode(ops)
-    if len(ops) > 1 and any(units > max_units for _, units in records):
-        half = len(ops) // 2
-        yield from _fit(codec, ops[:half], max_units)
-        yield from _fit(codec, ops[half:], max_units)
-    else:
-        yield from records
+        yield from codec.encode(chunk, max_units)
 
 
 def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: int) -> list[str]:

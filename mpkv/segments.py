@@ -185,35 +185,59 @@ class Cursor:
                     None)
 
     def read(self, limit: Limit | None) -> tuple[list[list[Op]], int | None]:
-        """Decode what follows the cursor, up to ``limit``; return the batches and, when
-        the newest segment ends in a torn record, the offset where it starts."""
+        """Decode what follows the cursor, up to ``limit``; return the complete atomic
+        units and, when the log ends in a torn record or an unfinished unit, the offset
+        (in the cursor's segment) where the torn part starts.
+
+        A unit may span segments; until its last record is read the cursor stays at its
+        start, so an unfinished unit is read again, whole, next time."""
         batches: list[list[Op]] = []
+        pending: list[Op] = []  # ops of a unit whose last record is not read yet
+        mark = (self.name, self.offset, self.units)  # where that unit starts
         while True:
             if self.name is None:
                 first = self._next()
                 if first is None or (limit is not None and parse_name(first)[0] > limit[0]):  # type: ignore[index]
                     return batches, None
                 self._enter(first)
+                mark = (self.name, 0, 0)
             last = limit is not None and self.number >= limit[0]
             size = os.fstat(self.fd).st_size
             if last and limit is not None and limit[1] is not None:
                 size = min(size, limit[1])
-            data = os.pread(self.fd, size - self.offset, self.offset) if size > self.offset else b""
-            dec = self.codec.decode(data)
-            batches += dec.batches
             start = self.offset
-            self.offset += dec.stop
-            self.units += sum(dec.units)
+            data = os.pread(self.fd, size - start, start) if size > start else b""
+            dec = self.codec.decode(data)
+            for ops, end, units, more in zip(dec.batches, dec.ends, dec.units, dec.more,
+                                             strict=True):
+                if more:
+                    pending += ops
+                else:
+                    batches.append(pending + ops if pending else ops)
+                    pending = []
+                self.offset = start + end
+                self.units += units
+                if not more:
+                    mark = (self.name, self.offset, self.units)
             nxt = None if last else self._next()
-            if dec.problem:
-                if nxt is None and dec.torn:
-                    return batches, self.offset
+            if dec.problem and not (nxt is None and dec.torn):
                 raise self._damage(start, data, dec.stop, dec.problem)
-            if nxt is None or (limit is not None and parse_name(nxt)[0] > limit[0]):  # type: ignore[index]
-                return batches, None
+            if dec.problem or nxt is None or (
+                    limit is not None and parse_name(nxt)[0] > limit[0]):  # type: ignore[index]
+                torn = dec.problem != "" or bool(pending)
+                if pending:
+                    self._rewind(*mark)
+                return batches, (self.offset if torn else None)
             if not follows(self.name, nxt):  # type: ignore[arg-type]
                 raise NeedReload
             self._enter(nxt)
+
+    def _rewind(self, name: str | None, offset: int, units: int) -> None:
+        """Go back to the start of an unfinished unit, maybe in an earlier segment."""
+        if name != self.name:
+            assert name is not None
+            self._enter(name)
+        self.offset, self.units = offset, units
 
     def _damage(self, start: int, data: bytes, stop: int, problem: str) -> CorruptionError:
         file = os.path.join(self.path, self.name or "")
@@ -227,7 +251,13 @@ class Cursor:
     # --- writer side (writer lock held) ---
 
     def truncate(self, offset: int) -> None:
-        """Cut a torn tail so the next record starts on a clean boundary."""
+        """Cut a torn tail so the next record starts on a clean boundary: the rest of
+        this segment and any later segment (holding the rest of an unfinished unit)."""
+        later = [n for n in list_segments(self.path) if self.name and n > self.name]
+        for name in later:
+            os.unlink(os.path.join(self.path, name))
+        if later:
+            fsync_dir(self.path)
         os.ftruncate(self.fd, offset)
         self.offset = offset
 

@@ -355,7 +355,7 @@ class Store(MutableMapping[str, Value]):
         return was
 
     def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
-        records = self._codec.encode(ops)
+        records = self._codec.encode(ops, self.max_segment_bytes)
         for _, units in records:
             if units > self.max_segment_bytes:
                 raise ValueError(f"a record of {units} {self._units_name()} cannot fit in a "
