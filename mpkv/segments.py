@@ -21,6 +21,7 @@ AUX = ".mpkv"
 META = "meta"
 LOCK = "lock"
 SHM = "shm"
+READERS = "readers"
 MAGIC = "mpkv"
 VERSION = 1
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -141,6 +142,51 @@ def create_meta(path: str, meta: Meta) -> Meta:
     return stored
 
 
+# --- readers that must not lose history ------------------------------------------
+#
+# A watcher must see every change, so compaction keeps the segments it has not read
+# yet. Each registers "I still need segments from number N on" in .mpkv/readers/.
+
+
+def register_reader(path: str, token: str, number: int) -> None:
+    folder = os.path.join(path, AUX, READERS)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{token}.tmp")
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(str(number))
+    os.replace(tmp, os.path.join(folder, token))
+
+
+def unregister_reader(path: str, token: str) -> None:
+    try:
+        os.unlink(os.path.join(path, AUX, READERS, token))
+    except FileNotFoundError:
+        pass
+
+
+def oldest_needed(path: str) -> int | None:
+    """The oldest segment number a live registered reader still needs."""
+    folder = os.path.join(path, AUX, READERS)
+    numbers = []
+    for token in os.listdir(folder) if os.path.isdir(folder) else []:
+        if token.startswith("."):
+            continue
+        pid = int(token.split("-")[0])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:  # that reader died: forget it
+            unregister_reader(path, token)
+            continue
+        except PermissionError:
+            pass
+        try:
+            with open(os.path.join(folder, token), encoding="ascii") as f:
+                numbers.append(int(f.read()))
+        except (FileNotFoundError, ValueError):
+            continue
+    return min(numbers, default=None)
+
+
 # --- tailing --------------------------------------------------------------------
 
 
@@ -181,8 +227,15 @@ class Cursor:
         self.number = parse_name(name)[0]  # type: ignore[index]
 
     def _next(self) -> str | None:
-        return next((n for n in list_segments(self.path) if self.name is None or n > self.name),
-                    None)
+        """The segment to read after this one: the first later name that continues the
+        log from it (see ``follows``). NeedReload when later names exist but none does."""
+        later = [n for n in list_segments(self.path) if self.name is None or n > self.name]
+        if self.name is None or not later:
+            return later[0] if later else None
+        for name in later:
+            if follows(self.name, name):
+                return name
+        raise NeedReload
 
     def read(self, limit: Limit | None) -> tuple[list[list[Op]], int | None]:
         """Decode what follows the cursor, up to ``limit``; return the complete atomic
@@ -228,8 +281,6 @@ class Cursor:
                 if pending:
                     self._rewind(*mark)
                 return batches, (self.offset if torn else None)
-            if not follows(self.name, nxt):  # type: ignore[arg-type]
-                raise NeedReload
             self._enter(nxt)
 
     def _rewind(self, name: str | None, offset: int, units: int) -> None:

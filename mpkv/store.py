@@ -36,8 +36,11 @@ from .segments import (
     check_store_dir,
     create_meta,
     list_segments,
+    oldest_needed,
     parse_name,
     read_meta,
+    register_reader,
+    unregister_reader,
 )
 from .shm import SEQ, SharedState
 
@@ -131,6 +134,8 @@ class Store(MutableMapping[str, Value]):
         self._view: dict[str, Value] = {}
         self._cursor = Cursor(self.path, self._codec, writable=not self.readonly)
         self._seen_seq = -1
+        self._token = f"{os.getpid()}-{id(self)}"  # this store's name among watchers
+        self._registered = 0  # segment number registered for watchers (0: none)
         self._verified = False  # has this process's writer checked the log tail once?
         self._appended = 0  # records this process appended ...
         self._synced = 0  # ... and how many of them are known to be on disk
@@ -157,7 +162,9 @@ class Store(MutableMapping[str, Value]):
         if self._epoch != _fork_epoch[0]:
             # First use in a forked child: inherited descriptors share the parent's
             # lock and file offsets, and threading locks may be held by threads that do
-            # not exist here. Start over with our own.
+            # not exist here. Start over with our own (the parent's watcher registration
+            # stays the parent's).
+            self._registered = 0
             self._close_files()
             self._open_files()
 
@@ -186,6 +193,8 @@ class Store(MutableMapping[str, Value]):
             return self._reload(limit), None
         if batches:
             self._apply(batches)
+        if self._listeners and self._cursor.number != self._registered:
+            self._register()
         self._seen_seq = seq
         self._last_refresh = time.monotonic()
         return len(batches), torn
@@ -523,7 +532,10 @@ class Store(MutableMapping[str, Value]):
                 self._lock()
                 try:
                     compaction.install(self.path, outputs, number)
-                    compaction.remove(self.path, sealed)
+                    # Keep what a watcher has not read yet (a suffix: replay stays exact).
+                    needed = oldest_needed(self.path)
+                    compaction.remove(self.path, [n for n in sealed if needed is None
+                                                  or parse_name(n)[0] < needed])  # type: ignore[index]
                 finally:
                     self._unlock()
         return {"segments_before": len(sealed), "segments_after": len(outputs),
@@ -538,7 +550,14 @@ class Store(MutableMapping[str, Value]):
         with self._tail_mutex:
             self._catch_up(self._reader_limit())
             self._listeners.append(queue)
+            self._register()
         return self._watching(queue, prefix, timeout)
+
+    def _register(self) -> None:
+        """Tell compaction which segments this process's watchers have yet to read."""
+        if not self.readonly:
+            register_reader(self.path, self._token, self._cursor.number)
+            self._registered = self._cursor.number
 
     def _watching(self, queue: collections.deque[Op], prefix: str,
                   timeout: float | None) -> Iterator[tuple[str, Value | None]]:
@@ -563,8 +582,12 @@ class Store(MutableMapping[str, Value]):
                 time.sleep(pause)
                 pause = min(pause * 2, 0.005)
         finally:
-            if queue in self._listeners:
-                self._listeners.remove(queue)
+            with self._tail_mutex:
+                if queue in self._listeners:
+                    self._listeners.remove(queue)
+                if not self._listeners and self._registered and self._epoch != -1:
+                    unregister_reader(self.path, self._token)
+                    self._registered = 0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -582,6 +605,8 @@ class Store(MutableMapping[str, Value]):
         self._close_files()
 
     def _close_files(self) -> None:
+        if self._registered:
+            unregister_reader(self.path, self._token)
         self._cursor.close()
         self._shm.close()
         if self._wlock is not None:

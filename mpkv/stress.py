@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .codec import Value
 from .recovery import verify
 from .segments import list_segments, read_meta
 from .store import Store
@@ -48,13 +49,15 @@ from .store import Store
 Reg = str | None
 #: what one operation read: a value, or for delete() whether the key existed
 Read = str | bool | None
+END_KEY = "~stress-end"  # written once after the workload; outside the key space
 MAX_STEPS = 2_000_000  # search steps per key before a history is called undecided
+MAX_ERRORS = 20  # exceptions after which a worker thread gives up
 
 
 # --- the history a worker thread records ---------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """One call of one worker thread. ``ret`` is ``math.inf`` when it never returned."""
 
@@ -65,6 +68,7 @@ class Event:
     ret: float = math.inf
     reads: list[Read] = field(default_factory=list)
     error: str = ""
+    who: str = ""  # history file and sequence number
 
 
 def perform(store: Store, op: str, keys: list[str], writes: list[Reg]) -> list[Read]:
@@ -84,7 +88,7 @@ def perform(store: Store, op: str, keys: list[str], writes: list[Reg]) -> list[R
         return [True]
     with store.transaction() as tx:  # tx, readtx: read every key, then write
         reads: list[Read] = [tx.get(k) for k in keys]
-        for key, value in zip(keys, writes):
+        for key, value in zip(keys, writes, strict=False):  # readtx: no writes
             if value is None:
                 tx.delete(key)
             else:
@@ -127,21 +131,22 @@ class HistoryFile:
 
 def read_history(path: str) -> list[Event]:
     """Parse one thread's file; a call without a return line stays in flight."""
-    events: dict[int, Event] = {}
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # the line a SIGKILL cut short
-            if "op" in rec:
-                events[rec["i"]] = Event(rec["op"], rec["k"], rec["w"], rec["t0"])
-            elif rec["i"] in events:
-                event = events[rec["i"]]
-                if "err" in rec:
-                    event.error = rec["err"]
-                else:
-                    event.ret, event.reads = rec["t1"], rec["r"]
+        lines = f.read().splitlines()
+    try:
+        records = json.loads("[" + ",".join(lines) + "]")
+    except ValueError:  # the last line, cut short by a SIGKILL
+        records = json.loads("[" + ",".join(lines[:-1]) + "]")
+    events: dict[int, Event] = {}
+    name = os.path.basename(path)
+    for rec in records:
+        if "op" in rec:
+            events[rec["i"]] = Event(rec["op"], rec["k"], rec["w"], rec["t0"],
+                                     who=f"{name}#{rec['i']}")
+        elif "err" in rec:
+            events[rec["i"]].error = rec["err"]
+        else:
+            events[rec["i"]].ret, events[rec["i"]].reads = rec["t1"], rec["r"]
     return list(events.values())
 
 
@@ -152,7 +157,7 @@ def read_history(path: str) -> list[Event]:
 class Config:
     processes: int = 3
     threads: int = 2
-    seconds: float = 12.0
+    seconds: float = 10.0
     keys: int = 50
     kill: bool = False
     kill_compactor: bool = False
@@ -160,6 +165,7 @@ class Config:
     format: str = "binary"
     fsync: str = "periodic"
     max_segment_bytes: int = 4096
+    max_staleness: float | None = 0.0  # > 0 lets reads go stale: the checker must object
     seed: int = 0
     dir: str = ""
 
@@ -173,7 +179,7 @@ class Config:
 
     def open(self) -> Store:
         return Store(self.store, max_segment_bytes=self.max_segment_bytes, format=self.format,
-                     fsync=self.fsync)
+                     fsync=self.fsync, max_staleness=self.max_staleness)
 
     def key_names(self) -> list[str]:
         return [f"k{i:03d}" for i in range(self.keys)]
@@ -183,7 +189,7 @@ def _thread_loop(cfg: Config, store: Store, name: str, deadline: int) -> None:
     rng = random.Random(f"{cfg.seed}/{name}")
     keys = cfg.key_names()
     history = HistoryFile(os.path.join(cfg.history, f"{name}.jsonl"))
-    seq = 0
+    seq = errors = 0
     try:
         while time.monotonic_ns() < deadline:
             seq += 1
@@ -193,6 +199,9 @@ def _thread_loop(cfg: Config, store: Store, name: str, deadline: int) -> None:
                 reads = perform(store, op, ks, ws)
             except Exception as exc:
                 history.log({"i": seq, "err": f"{type(exc).__name__}: {exc}"})
+                errors += 1
+                if errors >= MAX_ERRORS:
+                    return  # reported already; more would only slow the checker down
                 continue
             history.log({"i": seq, "t1": time.monotonic_ns(), "r": reads})
     finally:
@@ -254,7 +263,7 @@ class Keep(enum.Enum):
     KEEP = "keep"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RegOp:
     """One operation on one key: check ``expect`` against the value, then set ``write``."""
 
@@ -262,6 +271,12 @@ class RegOp:
     ret: float  # math.inf: in flight at a kill, may or may not have taken effect
     expect: Expect | Reg = Expect.ANY
     write: Keep | Reg = Keep.KEEP
+    who: str = ""  # thread history file and sequence number, for reports
+
+    def __str__(self) -> str:
+        expect = self.expect.value if isinstance(self.expect, Expect) else repr(self.expect)
+        write = "-" if isinstance(self.write, Keep) else repr(self.write)
+        return f"{self.who} [{self.call}, {self.ret}] read {expect} write {write}"
 
     def step(self, value: Reg) -> tuple[bool, Reg]:
         e = self.expect
@@ -275,8 +290,9 @@ class RegOp:
 
 
 def linearizable(ops: list[RegOp], initial: Reg = None,
-                 max_steps: int = MAX_STEPS) -> bool | None:
+                 max_steps: int = MAX_STEPS) -> tuple[bool | None, int]:
     """Is there a linearization of ``ops`` for a register? None: undecided (step cap).
+    With False comes the index of the earliest op the deepest attempt could not place.
 
     Porcupine's algorithm: call and return entries sorted by time in a linked list;
     linearize the first call that the model accepts and whose (set, value) state was
@@ -307,9 +323,10 @@ def linearizable(ops: list[RegOp], initial: Reg = None,
     seen: set[tuple[int, Reg]] = set()
     stack: list[tuple[int, Reg]] = []
     linearized, value, pos = 0, initial, nxt[0]
+    deepest, stuck = -1, -1
     for _ in range(max_steps):
         if pos == end:
-            return True
+            return True, -1
         i = op_at[pos]
         if is_call[pos]:
             ok, new = ops[i].step(value)
@@ -323,15 +340,17 @@ def linearizable(ops: list[RegOp], initial: Reg = None,
             else:
                 pos = nxt[pos]
         elif ops[i].ret == math.inf:
-            return True
-        elif not stack:
-            return False
+            return True, -1
         else:
+            if len(stack) > deepest:
+                deepest, stuck = len(stack), op_at[nxt[0]]
+            if not stack:
+                return False, stuck
             pos, value = stack.pop()
             linearized &= ~(1 << op_at[pos])
             unlift(pos)
             pos = nxt[pos]
-    return None
+    return None, -1
 
 
 def register_ops(events: Iterable[Event]) -> dict[str, list[RegOp]]:
@@ -349,7 +368,8 @@ def register_ops(events: Iterable[Event]) -> dict[str, list[RegOp]]:
                 expect = Expect.PRESENT if e.reads[0] else Expect.ABSENT
             elif done and e.op != "put":
                 expect = e.reads[j]  # type: ignore[assignment]
-            per_key[key].append(RegOp(e.call, e.ret if done else math.inf, expect, write))
+            per_key[key].append(RegOp(e.call, e.ret if done else math.inf, expect, write,
+                                      f"{e.who} {e.op}"))
     return per_key
 
 
@@ -363,18 +383,19 @@ def lost_write(ops: list[RegOp], final: Reg) -> str:
         return ""  # never written: still absent
     if not sources:
         return f"final value {final!r} was never written"
-    if any(not any(later.call > src.ret for later in done) for src in sources):
+    last = max(done, key=lambda op: op.call)
+    if any(src.ret >= last.call for src in sources):
         return ""
-    lost = max(done, key=lambda op: op.call)
-    return f"final value {final!r}, but the acknowledged write {lost.write!r} came after it"
+    return (f"final value {final!r}, but the acknowledged write {last.write!r} "
+            "started after its write returned")
 
 
-def replay_segments(path: str) -> dict[str, Reg | bytes]:
+def replay_segments(path: str) -> dict[str, Value]:
     """The state the segment files add up to, read raw (no Store, no commit point);
     an incomplete record at the end of the newest segment is ignored, as torn."""
     meta = read_meta(path)
     assert meta is not None
-    codec, state = meta.codec, {}
+    codec, state = meta.codec, dict[str, Value]()
     names = list_segments(path)
     for n, name in enumerate(names):
         with open(os.path.join(path, name), "rb") as f:
@@ -410,18 +431,19 @@ def check_history(events: list[Event], final: dict[str, Reg], keys: list[str],
     verdict = Verdict(ops=len(events), in_flight=sum(e.ret == math.inf for e in events))
     verdict.errors += [f"{e.op} {e.keys}: {e.error}" for e in events if e.error]
     per_key = register_ops(events)
-    after = max((e.ret for e in events if e.ret != math.inf), default=0) + 1
+    after = max((t for e in events for t in (e.call, e.ret) if t != math.inf), default=0) + 1
     for key in keys:
         ops = per_key.get(key, [])
         why = lost_write(ops, final.get(key))
         if why:
             verdict.lost.append(f"{key}: {why}")
-        ops = [*ops, RegOp(after, after + 1, final.get(key))]
-        result = linearizable(ops, max_steps=max_steps)
+        ops = [*ops, RegOp(after, after + 1, final.get(key), who="final state")]
+        result, stuck = linearizable(ops, max_steps=max_steps)
         if result is None:
             verdict.undecided.append(key)
         elif not result:
-            verdict.nonlinearizable.append(f"{key}: {len(ops)} ops, no linearization")
+            verdict.nonlinearizable.append(f"{key}: {len(ops)} ops, no linearization; the "
+                                           f"deepest attempt could not place {ops[stuck]}")
     return verdict
 
 
@@ -458,32 +480,37 @@ class Supervisor:
     ctx: Any = field(default_factory=lambda: multiprocessing.get_context("spawn"))
     procs: dict[str, Any] = field(default_factory=dict)
     incarnations: dict[str, int] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
     kills: int = 0
 
     def start(self, name: str) -> None:
         inc = self.incarnations.get(name, -1) + 1
         self.incarnations[name] = inc
         target: Callable[..., None]
+        args: tuple[Any, ...]
         if name == "compactor":
             target, args = compactor, (self.cfg, inc, self.deadline)
         else:
             target, args = worker, (self.cfg, int(name[1:]), inc, self.deadline)
         self.procs[name] = self.ctx.Process(target=target, args=args, name=name, daemon=True)
         self.procs[name].start()
+        self.started[name] = time.monotonic()
 
     def kill_one(self, rng: random.Random) -> None:
-        names = [n for n in self.procs if n != "compactor" or self.cfg.kill_compactor]
-        name = rng.choice(sorted(names))
+        """SIGKILL a process that had time to get going (mostly mid-operation)."""
+        names = [n for n in sorted(self.procs) if n != "compactor" or self.cfg.kill_compactor]
+        warm = [n for n in names if time.monotonic() - self.started[n] > 0.5]
+        name = rng.choice(warm or names)
         self.procs[name].kill()
         self.procs[name].join()
         self.kills += 1
         self.start(name)
 
-    def join(self, timeout: float) -> list[str]:
+    def join(self, until: float) -> list[str]:
         """Wait for every process; the ones that hang or fail are problems."""
         problems = []
         for name, proc in self.procs.items():
-            proc.join(max(timeout - time.monotonic(), 0.1))
+            proc.join(max(until - time.monotonic(), 0.1))
             if proc.is_alive():
                 proc.kill()
                 proc.join()
@@ -491,6 +518,15 @@ class Supervisor:
             elif proc.exitcode != 0:
                 problems.append(f"{name} exited with status {proc.exitcode}")
         return problems
+
+
+def _crashes(cfg: Config) -> list[str]:
+    """The last line of every traceback a process left (see ``_report_crash``)."""
+    problems = []
+    for file in sorted(glob.glob(os.path.join(cfg.history, "*.crash"))):
+        with open(file, encoding="utf-8") as f:
+            problems.append(f"{os.path.basename(file)}: {f.read().strip().splitlines()[-1]}")
+    return problems
 
 
 def run(cfg: Config) -> tuple[Verdict, dict[str, int]]:
@@ -509,16 +545,17 @@ def run(cfg: Config) -> tuple[Verdict, dict[str, int]]:
             len(tailing)  # keep one view tailing through rotations and compactions
             if cfg.kill and time.monotonic_ns() < sup.deadline:
                 sup.kill_one(rng)
-        problems = sup.join(time.monotonic() + 60)
-        problems += [f"{os.path.basename(f)}: {open(f).read().strip().splitlines()[-1]}"
-                     for f in glob.glob(os.path.join(cfg.history, "*.crash"))]
+        problems = sup.join(time.monotonic() + 60) + _crashes(cfg)
+        tailing.put(END_KEY, "")  # a writer adopts a record a killed writer left unpublished
         final, state_problems = check_state(cfg, tailing)
     events = [e for f in sorted(glob.glob(os.path.join(cfg.history, "*.jsonl")))
               for e in read_history(f)]
     verdict = check_history(events, final, cfg.key_names())
     verdict.errors += problems + state_problems
-    compactions = sum(1 for f in glob.glob(os.path.join(cfg.history, "compactor*.log"))
-                      for _ in open(f))
+    compactions = 0
+    for file in glob.glob(os.path.join(cfg.history, "compactor*.log")):
+        with open(file, encoding="utf-8") as f:
+            compactions += sum(1 for _ in f)
     return verdict, {"kills": sup.kills, "compactions": compactions}
 
 
@@ -541,6 +578,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["binary", "text"], default=d.format)
     p.add_argument("--fsync", choices=["always", "periodic", "never"], default=d.fsync)
     p.add_argument("--max-segment-bytes", type=int, default=d.max_segment_bytes)
+    p.add_argument("--max-staleness", type=float, default=d.max_staleness,
+                   help="the workers' max_staleness; > 0 breaks linearizability on purpose, "
+                   "to see the checker catch it")
     p.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     p.add_argument("--dir", default=None,
                    help="where the store and histories go (kept); default: a temporary "
@@ -560,13 +600,14 @@ def main(argv: list[str]) -> int:
         return 2
     cfg = Config(args.processes, args.threads, args.seconds, args.keys, args.kill,
                  args.kill_compactor, args.compact, args.format, args.fsync,
-                 args.max_segment_bytes, seed, os.path.abspath(base))
+                 args.max_segment_bytes, args.max_staleness, seed, os.path.abspath(base))
     started = time.monotonic()
     verdict, counts = run(cfg)
     for title, items in (("error", verdict.errors), ("lost write", verdict.lost),
                          ("not linearizable", verdict.nonlinearizable)):
         for item in items[:20]:
             print(f"mpkv stress: {title}: {item}", file=sys.stderr)
+    sys.stderr.flush()
     if verdict.violations:
         print(f"mpkv stress: run kept in {base}; reproduce the setup with the same options "
               f"and --seed {seed}", file=sys.stderr)

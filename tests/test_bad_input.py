@@ -376,3 +376,23 @@ def test_conflicting_options_while_store_is_open(tmp_path):
         assert s.get("b") == "2"
     finally:
         s.close()
+
+
+# --- invalid options on a new path --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        pytest.param({"format": "json"}, id="unknown-format"),
+        pytest.param({"format": "TEXT"}, id="format-wrong-case"),
+        pytest.param({"max_segment_bytes": 0}, id="zero-limit"),
+        pytest.param({"max_segment_bytes": -5}, id="negative-limit"),
+        pytest.param({"fsync": "sometimes"}, id="unknown-fsync"),
+    ],
+)
+def test_invalid_options_create_nothing(tmp_path, opts):
+    p = tmp_path / "parent" / "store"
+    with pytest.raises(ValueError):
+        mpkv.Store(str(p), **opts)
+    assert not p.exists()

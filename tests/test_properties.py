@@ -9,16 +9,20 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import mpkv
 from mpkv.scenarios import multi_file_restart, single_file_restart
 
+# Each example opens real stores (~0.1 s a sequence), so shrinking a failure would take
+# minutes: the store-backed tests skip the shrink phase and report the failing sequence
+# as generated (drop ``phases`` locally to get a minimal one).
 SETTINGS = settings(
     max_examples=50,
     deadline=None,
     database=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
@@ -239,6 +243,7 @@ def snapshot_ops(keys, values):
 
 
 @settings(max_examples=30, deadline=None, database=None,
+          phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(fmt=st.sampled_from(["text", "binary"]), limit=st.integers(18, 120), data=st.data())
 def test_snapshots_and_compaction_match_dict_model(base, fmt, limit, data):

@@ -640,6 +640,42 @@ def test_snapshot_moves_between_formats(tmp_path, mk):
     assert dict(t2.items()) == {"a": "1", "b": "x|y", "c": "3"}
 
 
+@pytest.mark.parametrize("fmt", ["binary", "text"])
+def test_deserialize_state_larger_than_one_segment(tmp_path, mk, fmt):
+    """Every entry fits a segment, the whole state does not: deserialize must still work
+    (the contract gives deserialize no size limit; only a single oversized record may
+    raise ValueError)."""
+    limit = 100
+    src = mk(str(tmp_path / "src"), format=fmt, max_segment_bytes=limit)
+    data = {f"key{i:02d}": f"value-{i:02d}" for i in range(20)}
+    for k, v in data.items():
+        src.put(k, v)
+    assert len(segs(str(tmp_path / "src"))) > 1
+    snap = str(tmp_path / "snap")
+    src.serialize(snap)
+    dst = mk(str(tmp_path / "dst"), format=fmt, max_segment_bytes=limit)
+    dst.put("old", "x")
+    dst.deserialize(snap)
+    assert dict(dst.items()) == data
+    dst.close()
+    assert dict(mk(str(tmp_path / "dst")).items()) == data
+
+
+@pytest.mark.parametrize("fmt", ["binary", "text"])
+def test_deserialize_empty_snapshot_clears_many_keys(tmp_path, mk, fmt):
+    limit = 40
+    empty = mk(str(tmp_path / "empty"))
+    snap = str(tmp_path / "snap")
+    empty.serialize(snap)
+    s = mk(str(tmp_path / "s"), format=fmt, max_segment_bytes=limit)
+    for i in range(10):
+        s.put(f"k{i}", "v")
+    s.deserialize(snap)
+    assert len(s) == 0
+    s.close()
+    assert len(mk(str(tmp_path / "s"))) == 0
+
+
 def test_serialize_empty_store_and_overwrite(tmp_path, mk):
     a = mk(str(tmp_path / "a"))
     snap = tmp_path / "snap"
