@@ -22,6 +22,7 @@ META = "meta"
 LOCK = "lock"
 SHM = "shm"
 READERS = "readers"
+INTENT = "txn"
 MAGIC = "mpkv"
 VERSION = 1
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -140,6 +141,54 @@ def create_meta(path: str, meta: Meta) -> Meta:
     stored = read_meta(path)
     assert stored is not None
     return stored
+
+
+# --- text transactions: an intent file makes them all-or-nothing -------------------
+#
+# Text records have no framing, so a multi-line commit first records where it starts
+# in .mpkv/txn and removes the file when its last line is written. While the file
+# exists, readers treat the log as ending there; the next writer truncates the log at
+# that point (undoing the unfinished commit) and removes it.
+
+
+def write_intent(path: str, number: int, offset: int, durable: bool) -> None:
+    file = os.path.join(path, AUX, INTENT)
+    with open(file, "w", encoding="ascii") as f:
+        f.write(f"{number} {offset}\n")
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    if durable:
+        fsync_dir(os.path.join(path, AUX))
+
+
+def read_intent(path: str) -> tuple[int, int] | None:
+    try:
+        with open(os.path.join(path, AUX, INTENT), encoding="ascii") as f:
+            number, offset = f.read().split()
+        return int(number), int(offset)
+    except FileNotFoundError:
+        return None
+    except ValueError:  # the intent file itself was cut short: its commit wrote nothing
+        return None
+
+
+def clear_intent(path: str) -> None:
+    try:
+        os.unlink(os.path.join(path, AUX, INTENT))
+    except FileNotFoundError:
+        pass
+
+
+def truncate_log(path: str, number: int, offset: int) -> None:
+    """Cut the log at ``offset`` of segment ``number``: later segments are deleted."""
+    for name in list_segments(path):
+        major = parse_name(name)[0]  # type: ignore[index]
+        if major > number:
+            os.unlink(os.path.join(path, name))
+        elif major == number and name == segment_name(number):
+            os.truncate(os.path.join(path, name), offset)
+    fsync_dir(path)
 
 
 # --- readers that must not lose history ------------------------------------------

@@ -34,13 +34,17 @@ from .segments import (
     Meta,
     NeedReload,
     check_store_dir,
+    clear_intent,
     create_meta,
     list_segments,
     oldest_needed,
     parse_name,
+    read_intent,
     read_meta,
     register_reader,
+    truncate_log,
     unregister_reader,
+    write_intent,
 )
 from .shm import SEQ, SharedState
 
@@ -148,7 +152,7 @@ class Store(MutableMapping[str, Value]):
                 # No writer mid-commit: read to the end of the files, so that records the
                 # shared state does not know (it may be stale) are seen and checked too.
                 seq, limit = self._reader_limit()
-                self._catch_up((seq, None if not self._shm.inflight else limit))
+                self._catch_up((seq, limit if self._shm.inflight else read_intent(self.path)))
         except BaseException:
             self._close_files()
             raise
@@ -394,6 +398,11 @@ class Store(MutableMapping[str, Value]):
             seq, seg, _ = shm.snapshot() or (shm.seq, 0, 0)
             _, torn = self._catch_up((seq, (seg, None)))
         else:
+            intent = read_intent(self.path)
+            if intent is not None:  # a text commit died half written: undo it
+                truncate_log(self.path, *intent)
+                clear_intent(self.path)
+                self._reload(None)
             _, torn = self._catch_up((shm.seq, None))
             self._verified = True
         if torn is not None:
@@ -403,6 +412,9 @@ class Store(MutableMapping[str, Value]):
         """Write records at the cursor, rotating as needed, then publish. Both locks held."""
         cursor = self._cursor
         self._shm.begin()
+        intent = len(records) > 1 and self.format == "text"
+        if intent:
+            write_intent(self.path, cursor.number, cursor.offset, self.fsync == "always")
         pending: list[bytes] = []  # records bound for the current segment: one write
         used = cursor.units
         for data, units in records:
@@ -415,6 +427,10 @@ class Store(MutableMapping[str, Value]):
             pending.append(data)
             used += units
         cursor.append(pending[0] if len(pending) == 1 else b"".join(pending), used - cursor.units)
+        if intent:
+            if self.fsync == "always":
+                self._sync_now()
+            clear_intent(self.path)
         self._appended += 1
         self._apply([ops])
         self._seen_seq = self._shm.publish(cursor.number, cursor.offset)
@@ -436,6 +452,10 @@ class Store(MutableMapping[str, Value]):
             self._syncer = threading.Thread(target=self._sync_periodically, daemon=True,
                                             name=f"mpkv-fsync {self.path}")
             self._syncer.start()
+
+    def _sync_now(self) -> None:
+        with self._sync_mutex:
+            os.fdatasync(self._cursor.fd)
 
     def _sync(self, upto: int) -> None:
         with self._sync_mutex:

@@ -50,7 +50,7 @@ Reg = str | None
 #: what one operation read: a value, or for delete() whether the key existed
 Read = str | bool | None
 END_KEY = "~stress-end"  # written once after the workload; outside the key space
-MAX_STEPS = 2_000_000  # search steps per key before a history is called undecided
+MAX_STEPS = 1_000_000  # search steps per key before a history is called undecided
 MAX_ERRORS = 20  # exceptions after which a worker thread gives up
 
 

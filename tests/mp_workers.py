@@ -27,7 +27,7 @@ def entry(name, result_q, idx, *args):
     """Run ``globals()[name](*args)`` and report ``(idx, ok, result-or-traceback)``."""
     try:
         result = globals()[name](*args)
-    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+    except BaseException:
         result_q.put((idx, False, traceback.format_exc()))
     else:
         result_q.put((idx, True, result))
@@ -199,13 +199,14 @@ def use_pickled_store(store, n):
     return {"first": first, "len": total}
 
 
-def use_pickled_readonly_store(store):
+def pickled_try_put(store):
+    """Read the parent's key, then try a put that the store's options must refuse."""
     value = store.get("from-parent")
     try:
         store.put("from-child", "x")
-    except mpkv.ReadOnlyError:
-        error = "ReadOnlyError"
-    except BaseException as exc:  # noqa: BLE001
+    except (mpkv.ReadOnlyError, mpkv.LockTimeout) as exc:
+        error = type(exc).__name__
+    except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
     else:
         error = None
@@ -270,7 +271,16 @@ def generation_writer(path, conn):
 
 def readonly_check(path):
     """Run in a child that cannot write ``path``: open it readonly and report as JSON."""
-    result = {"writable": os.access(path, os.W_OK), "uid": os.geteuid()}
+    result = {"writable": []}
+    for probe in (os.path.join(path, "probe.tmp"), os.path.join(path, ".mpkv", "probe.tmp")):
+        try:
+            with open(probe, "w"):
+                pass
+        except OSError:
+            pass
+        else:  # the privilege drop did not work: say so, and leave nothing behind
+            os.unlink(probe)
+            result["writable"].append(probe)
     t0 = time.monotonic()
     s = mpkv.Store(path, readonly=True)
     result["first"] = s.get("k000")
@@ -287,7 +297,7 @@ def readonly_check(path):
             call()
         except mpkv.ReadOnlyError:
             errors.append("ReadOnlyError")
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(f"{what}: {type(exc).__name__}: {exc}")
         else:
             errors.append(f"{what}: no error")

@@ -2,7 +2,13 @@
 
 Children are started with the ``spawn`` method and run functions from
 ``tests/mp_workers.py``; results and tracebacks come back over a queue. Processes are
-synchronised with barriers, events and pipes, never with sleeps.
+synchronised with barriers, events and pipes, never with sleeps. The only timed
+assertions are generous bounds on lock timeouts and on readers/writers not waiting, and
+one 0.5 s window in which a forked child must NOT manage to commit.
+
+The readonly test needs root to make a directory unwritable for a process that is
+itself root: it drops CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH in the child (see
+``_drop_dac_capabilities``); as another user it relies on the mode bits alone.
 """
 
 from __future__ import annotations
@@ -15,12 +21,11 @@ import multiprocessing as mp
 import os
 import queue
 import random
-import shutil
+import select
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -34,6 +39,7 @@ for _p in (ROOT, TESTS):
         sys.path.insert(0, _p)
 
 import mp_workers  # noqa: E402
+
 import mpkv  # noqa: E402
 
 CTX = mp.get_context("spawn")
@@ -51,54 +57,77 @@ def _hang_guard():
 
 
 class Workers:
-    """Spawned worker processes that report back on one queue."""
+    """Spawned worker processes that report back on one queue.
+
+    Every wait on a worker (its result, or an event or pipe it should signal) also
+    watches for it failing or dying, so a broken child fails the test at once, with
+    its traceback.
+    """
 
     def __init__(self):
         self.q = CTX.Queue()
         self.procs = []
+        self.done = {}
 
     def start(self, fn, *args):
         idx = len(self.procs)
         p = CTX.Process(
-            target=mp_workers.entry, args=(fn.__name__, self.q, idx) + args, daemon=True
+            target=mp_workers.entry, args=(fn.__name__, self.q, idx, *args), daemon=True
         )
         p.start()
         self.procs.append(p)
         return idx
 
+    def _drain(self, timeout):
+        """Take one report off the queue (waiting up to ``timeout``); False when none."""
+        try:
+            idx, ok, payload = self.q.get(timeout=timeout) if timeout else self.q.get_nowait()
+        except queue.Empty:
+            return False
+        if not ok:
+            raise AssertionError(f"worker {idx} failed:\n{payload}")
+        self.done[idx] = payload
+        return True
+
+    def _check_alive(self, idxs):
+        dead = [i for i in idxs if i not in self.done and self.procs[i].exitcode is not None]
+        if dead:
+            while self._drain(0.5):  # a report may still be on its way
+                pass
+            for i in dead:
+                if i not in self.done:
+                    code = self.procs[i].exitcode
+                    raise AssertionError(f"worker {i} exited with code {code} without reporting")
+
+    def wait_until(self, cond, what, timeout=60.0):
+        """Wait until ``cond()`` (which may block briefly) while no worker fails."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            while self._drain(0):
+                pass
+            self._check_alive(range(len(self.procs)))
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+
+    def recv(self, conn, what="a reply from a worker", timeout=60.0):
+        """``conn.recv()``, but failing (not hanging) when the worker dies."""
+        self.wait_until(lambda: conn.poll(0.1), what, timeout)
+        return conn.recv()
+
     def results(self, idxs=None, timeout=60.0):
         """Wait for the given workers (all by default); return their results in order."""
         idxs = list(range(len(self.procs))) if idxs is None else list(idxs)
-        want = set(idxs)
-        got = {}
         deadline = time.monotonic() + timeout
-        while want - got.keys():
-            try:
-                idx, ok, payload = self.q.get(timeout=0.2)
-            except queue.Empty:
-                for i in want - got.keys():
-                    p = self.procs[i]
-                    if p.exitcode is not None:
-                        # it may have reported just before dying: one last look
-                        try:
-                            idx, ok, payload = self.q.get(timeout=1.0)
-                        except queue.Empty:
-                            raise AssertionError(
-                                f"worker {i} exited with code {p.exitcode} without reporting"
-                            ) from None
-                        break
-                else:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(
-                            f"workers {sorted(want - got.keys())} did not finish in {timeout}s"
-                        )
-                    continue
-            if not ok:
-                raise AssertionError(f"worker {idx} failed:\n{payload}")
-            got[idx] = payload
+        while any(i not in self.done for i in idxs):
+            if self._drain(0.2):
+                continue
+            self._check_alive(idxs)
+            if time.monotonic() > deadline:
+                missing = [i for i in idxs if i not in self.done]
+                raise AssertionError(f"workers {missing} did not finish in {timeout}s")
         for i in idxs:
             self.procs[i].join(30)
-        return [got[i] for i in idxs]
+        return [self.done[i] for i in idxs]
 
     def close(self):
         for p in self.procs:
@@ -117,30 +146,36 @@ def workers():
 
 def segment_files(path):
     """Segment files: the regular files directly in the store directory."""
-    return sorted(
-        f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))
-    )
+    return sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
 
 
 # ---------------------------------------------------------------- 1. transactions
 
 
-def test_transactional_counter_4_processes(tmp_path, workers):
+@pytest.mark.parametrize("fmt", ["binary", "text"])
+def test_transactional_counter_4_processes(tmp_path, workers, fmt):
     path = str(tmp_path / "store")
+    mpkv.Store(path, format=fmt).close()  # the workers open it with format=None
     barrier = CTX.Barrier(4)
     for _ in range(4):
         workers.start(mp_workers.counter_worker, path, 300, barrier)
     workers.results()
     with mpkv.open(path) as s:
         assert s["n"] == "1200"
+    with pytest.raises(ValueError):  # it kept the format it was created with
+        mpkv.Store(path, format="text" if fmt == "binary" else "binary")
 
 
 # ------------------------------------------------- 2. writers + a monotonic reader
 
 
-def test_concurrent_writers_with_monotonic_reader(tmp_path, workers):
+@pytest.mark.parametrize("fmt", ["binary", "text"])
+def test_concurrent_writers_with_monotonic_reader(tmp_path, workers, fmt):
     path = str(tmp_path / "store")
     nw, n, seg = 4, 2000, 4096
+    # create it first: the store remembers its limit, and a reader that created it
+    # (with the default limit) would make the writers' explicit 4096 a conflict
+    mpkv.Store(path, max_segment_bytes=seg, format=fmt).close()
     barrier = CTX.Barrier(nw + 1)
     stop = CTX.Event()
     writers = [workers.start(mp_workers.keys_writer, path, w, n, seg, barrier) for w in range(nw)]
@@ -175,18 +210,17 @@ def test_read_after_write_across_processes(tmp_path, workers):
     try:
         s.put("warm-up", "0")
         idx = workers.start(mp_workers.rw_peer, path, child_conn)
-        assert parent_conn.poll(60), "peer did not start"
-        assert parent_conn.recv() == "ready"
+        assert workers.recv(parent_conn, "the peer to start") == "ready"
         for r in range(200):
             # this process writes, the peer reads at once (max_staleness=0)
             key, value = f"a-{r % 17}", f"from-parent-{r}"
             s.put(key, value)
             parent_conn.send(("get", key))
-            assert parent_conn.recv() == value, f"round {r}: peer read a stale value"
+            assert workers.recv(parent_conn) == value, f"round {r}: peer read a stale value"
             # the peer writes, this process reads at once
             key, value = f"b-{r % 13}", f"from-child-{r}"
             parent_conn.send(("put", key, value))
-            assert parent_conn.recv() == "ok"
+            assert workers.recv(parent_conn) == "ok"
             assert s.get(key) == value, f"round {r}: parent read a stale value"
             assert key in s
         parent_conn.send(None)
@@ -209,7 +243,7 @@ def _tcheck(key, value):
     as_bytes = isinstance(value, bytes)
     text = value.decode() if as_bytes else value
     assert isinstance(text, str), f"{key!r}: value of type {type(value).__name__}"
-    vkey, i, digest, pad = text.split("|")
+    vkey, i, _digest, _pad = text.split("|")
     i = int(i)
     assert vkey == key, f"value of {key!r} belongs to {vkey!r}"
     assert as_bytes == key.startswith("w1-"), f"{key!r}: wrong value type {type(value)}"
@@ -239,7 +273,7 @@ def test_threads_8_readers_2_writers(tmp_path):
                 else:
                     s.put(key, _tval(key, i, w == 1))
                     expected[w][key] = _tval(key, i, w == 1)
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             errors.append(f"writer {w}:\n{traceback.format_exc()}")
 
     def reader(r):
@@ -266,7 +300,7 @@ def test_threads_8_readers_2_writers(tmp_path):
                 reader_passes[r] += 1
                 if finished:
                     break
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             errors.append(f"reader {r}:\n{traceback.format_exc()}")
 
     try:
@@ -301,7 +335,7 @@ def test_lock_timeout_across_processes(tmp_path, workers):
     try:
         s.put("before", "0")
         idx = workers.start(mp_workers.tx_holder, path, "a", held, release)
-        assert held.wait(60), "holder never took the lock"
+        workers.wait_until(lambda: held.wait(0.1), "the holder to take the lock")
         try:
             t0 = time.monotonic()
             with pytest.raises(mpkv.LockTimeout):
@@ -311,9 +345,8 @@ def test_lock_timeout_across_processes(tmp_path, workers):
             assert issubclass(mpkv.LockTimeout, mpkv.Error)
 
             t0 = time.monotonic()
-            with pytest.raises(mpkv.LockTimeout):
-                with s.transaction() as tx:
-                    tx["b-tx"] = "2"
+            with pytest.raises(mpkv.LockTimeout), s.transaction() as tx:
+                tx["b-tx"] = "2"
             elapsed = time.monotonic() - t0
             assert 0.25 <= elapsed < 2.0, f"transaction LockTimeout after {elapsed:.2f}s"
             assert s.get("b") is None and s.get("b-tx") is None
@@ -353,7 +386,7 @@ def test_sigkilled_lock_holder_does_not_block(tmp_path, workers):
     try:
         s.put("before", "0")
         workers.start(mp_workers.tx_sleeper, path, held)
-        assert held.wait(60), "sleeper never took the lock"
+        workers.wait_until(lambda: held.wait(0.1), "the sleeper to take the lock")
         proc = workers.procs[0]
         proc.kill()
         proc.join(30)
@@ -396,17 +429,14 @@ def test_16_processes_create_same_store(tmp_path, workers, fmt):
 
 
 @pytest.fixture
-def open_dir():
-    """A temporary directory every user can reach (tmp_path's parents are 0700)."""
-    d = tempfile.mkdtemp(prefix="mpkv-ro-")
-    os.chmod(d, 0o755)
-    yield d
-    for root, dirs, files in os.walk(d):
+def unwritable_later(tmp_path):
+    """tmp_path; whatever a test made read-only under it is made writable again after."""
+    yield tmp_path
+    for root, dirs, files in os.walk(tmp_path):
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o755)
         for name in files:
             os.chmod(os.path.join(root, name), 0o644)
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _tree(path):
@@ -419,14 +449,24 @@ def _tree(path):
     return out
 
 
-def _drop_privileges():
-    os.setgroups([])
-    os.setgid(65534)
-    os.setuid(65534)
+def _drop_dac_capabilities():
+    """preexec_fn: the exec'd child keeps uid 0 but loses the permission-bypass capabilities.
+
+    (A plain ``setuid(65534)`` cannot work here: the interpreter lives under /root, mode
+    0700, and so does pytest's tmp_path.) Dropping CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH from the bounding set before exec leaves root bound by the mode
+    bits like anyone else: 0o444 files in 0o555 directories are read-only.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
-def test_readonly_on_unwritable_directory(open_dir):
-    path = os.path.join(open_dir, "store")
+def test_readonly_on_unwritable_directory(unwritable_later):
+    path = str(unwritable_later / "store")
     expected = {f"k{i:03d}": f"v{i}" for i in range(50)}
     with mpkv.open(path, max_segment_bytes=512) as s:
         for k, v in expected.items():
@@ -453,11 +493,13 @@ def test_readonly_on_unwritable_directory(open_dir):
         timeout=60,
         env=env,
         cwd="/",
-        preexec_fn=_drop_privileges if is_root else None,
+        preexec_fn=_drop_dac_capabilities if is_root else None,
     )
+    if is_root and "PR_CAPBSET_DROP" in proc.stderr:
+        pytest.skip("cannot drop root's capabilities here: " + proc.stderr.strip()[-200:])
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["writable"] is False, f"the child could still write the store: {result}"
+    assert result["writable"] == [], f"the child could still write the store: {result}"
     assert result["items"] == expected
     assert result["len"] == len(expected)
     assert result["first"] == result["after"] == "v0"
@@ -471,7 +513,7 @@ def test_readonly_never_waits_for_the_writer(tmp_path, workers):
         s.put("a", "1")
     held, release = CTX.Event(), CTX.Event()
     idx = workers.start(mp_workers.tx_holder, path, "pending", held, release)
-    assert held.wait(60), "holder never took the lock"
+    workers.wait_until(lambda: held.wait(0.1), "the holder to take the lock")
     try:
         t0 = time.monotonic()
         ro = mpkv.Store(path, readonly=True)
@@ -481,7 +523,9 @@ def test_readonly_never_waits_for_the_writer(tmp_path, workers):
     finally:
         release.set()
     try:
-        assert elapsed < 1.0, f"readonly open + get took {elapsed:.2f}s while a writer held the lock"
+        assert elapsed < 1.0, (
+            f"readonly open + get took {elapsed:.2f}s while a writer held the lock"
+        )
         assert got == "1"
         assert items == {"a": "1"}, "an uncommitted transaction was visible"
         workers.results([idx])
@@ -567,18 +611,29 @@ def test_store_pickled_into_spawned_worker(tmp_path, workers):
         assert len(s) == 101
     finally:
         s.close()
-    # the options travelled with the store: the child kept segments under 1024 bytes
+    # the child wrote within the store's limit
     segs = segment_files(path)
     assert len(segs) > 1
     assert all(os.path.getsize(os.path.join(path, f)) <= 1024 for f in segs)
 
+    # the options travel too: readonly ...
     ro = mpkv.Store(path, readonly=True)
     try:
-        idx = workers.start(mp_workers.use_pickled_readonly_store, ro)
+        idx = workers.start(mp_workers.pickled_try_put, ro)
         (res,) = workers.results([idx])
         assert res == {"value": "p", "error": "ReadOnlyError"}
     finally:
         ro.close()
+    # ... and lock_timeout (this process holds the writer lock meanwhile)
+    impatient = mpkv.Store(path, lock_timeout=0.2)
+    try:
+        with impatient.transaction():
+            idx = workers.start(mp_workers.pickled_try_put, impatient)
+            (res,) = workers.results([idx], timeout=15)
+        assert res == {"value": "p", "error": "LockTimeout"}
+        assert impatient.get("from-child") is None
+    finally:
+        impatient.close()
 
 
 # --------------------------------------------------------------------- 11. fork
@@ -596,7 +651,7 @@ def _fork_child(body):
         code = 0
     except mpkv.Error:
         code = 3
-    except BaseException:  # noqa: BLE001
+    except BaseException:
         traceback.print_exc()
     finally:
         os._exit(code)
@@ -617,7 +672,7 @@ def _check_forked_keys(state, prefix, n, code):
     if code == 0:
         assert got == {f"{prefix}{i:03d}": str(i) for i in range(n)}
     else:  # a clear error: whatever it wrote before must still be right
-        assert all(v == str(int(k[len(prefix):])) for k, v in got.items())
+        assert all(v == str(int(k[len(prefix) :])) for k, v in got.items())
 
 
 def test_fork_child_uses_store(tmp_path):
@@ -647,33 +702,53 @@ def test_fork_child_uses_store(tmp_path):
         assert dict(s2.items()) == state
 
 
+def _increment(store):
+    with store.transaction() as tx:
+        tx["n"] = str(int(tx.get("n", "0")) + 1)
+
+
 def test_fork_child_and_parent_write_concurrently(tmp_path):
+    """Parent and forked child write at the same time: no lost update, nothing torn."""
     path = str(tmp_path / "store")
+    rounds = 200
     s = mpkv.Store(path, max_segment_bytes=2048)
     try:
-        s.put("start", "0")
-        r, w = os.pipe()
+        s.put("n", "0")
+        go_r, go_w = os.pipe()
+        out_r, out_w = os.pipe()
 
         def body():
-            os.close(w)
-            os.read(r, 1)  # go
-            for i in range(300):
-                s.put(f"c-{i:03d}", str(i))
+            os.close(go_w)
+            os.close(out_r)
+            os.read(go_r, 1)  # go
+            done = 0
+            try:
+                for i in range(rounds):
+                    s.put(f"c-{i:03d}", str(i))
+                    _increment(s)
+                    done += 1
+            finally:
+                os.write(out_w, str(done).encode())
 
         pid = _fork_child(body)
-        os.close(r)
-        os.write(w, b"g")
-        os.close(w)
-        for i in range(300):
+        os.close(go_r)
+        os.close(out_w)
+        os.write(go_w, b"g")
+        os.close(go_w)
+        for i in range(rounds):
             s.put(f"p-{i:03d}", str(i))
+            _increment(s)
         code = _wait_child(pid)
+        child_done = int(os.read(out_r, 64) or b"0")
+        os.close(out_r)
         state = dict(s.items())
     finally:
         s.close()
+    assert state["n"] == str(rounds + child_done), f"lost updates (child exit {code})"
     assert {k: v for k, v in state.items() if k.startswith("p-")} == {
-        f"p-{i:03d}": str(i) for i in range(300)
+        f"p-{i:03d}": str(i) for i in range(rounds)
     }
-    _check_forked_keys(state, "c-", 300, code)
+    _check_forked_keys(state, "c-", rounds, code)
     with mpkv.open(path) as s2:
         assert dict(s2.items()) == state
 
@@ -698,8 +773,6 @@ def test_fork_inside_transaction_stays_serializable(tmp_path):
             os.close(w)
             # the child must now be blocked on the lock (or have failed): it must not
             # be able to commit while this transaction is open
-            import select
-
             ready, _, _ = select.select([r], [], [], 0.5)
             early = bool(ready) and os.read(r, 1) == b"c"
             tx["n"] = str(n + 1)
@@ -752,8 +825,7 @@ def test_iteration_while_another_process_writes(tmp_path, workers):
     path = str(tmp_path / "store")
     parent_conn, child_conn = CTX.Pipe()
     idx = workers.start(mp_workers.generation_writer, path, child_conn)
-    assert parent_conn.poll(60), "writer did not start"
-    g = parent_conn.recv()
+    g = workers.recv(parent_conn, "the writer to start")
     s = mpkv.Store(path)
     try:
         assert dict(s.items()) == mp_workers.generation_state(g)
@@ -763,9 +835,9 @@ def test_iteration_while_another_process_writes(tmp_path, workers):
             it = iter({"keys": s, "items": s.items(), "values": s.values()}[kind])
             first = next(it)
             parent_conn.send("gen")
-            g_new = parent_conn.recv()
+            g_new = workers.recv(parent_conn)
             assert s.get("k00") == f"g{g_new}"  # new reads see the commit at once
-            rest = [first] + list(it)
+            rest = [first, *list(it)]
             check = {"keys": _check_keys, "items": _check_items, "values": _check_values}[kind]
             assert check(rest, f"suspended {kind}") == g, f"{kind}: not the view it started on"
             g = g_new
@@ -782,7 +854,7 @@ def test_iteration_while_another_process_writes(tmp_path, workers):
             seen.add(_check_keys(s.keys(), "keys()"))
             passes += 1
         parent_conn.send("stop")
-        g_last = parent_conn.recv()
+        g_last = workers.recv(parent_conn)
         assert len(seen) >= 2, "the writer made no progress while we iterated"
         assert max(seen) <= g_last
         assert dict(s.items()) == mp_workers.generation_state(g_last)
