@@ -9,20 +9,51 @@ no framing beyond the newline. See docs/format.md for the byte layout.
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Union
+from itertools import accumulate
+from typing import NamedTuple, Union
 
 Value = Union[str, bytes]
 #: One mutation: ``(key, value)``, value ``None`` for a delete.
 Op = tuple[str, Union[Value, None]]
 
 
+class Puts(NamedTuple):
+    """Puts of distinct keys in two columns (compaction output): applies at C speed."""
+
+    keys: list[str]
+    values: list[Value]
+
+
+#: The ops of one atomic unit, in order.
+Batch = Union[list[Op], Puts]
+
+
+def ops_of(batch: Batch) -> list[Op]:
+    return list(zip(batch.keys, batch.values, strict=True)) if isinstance(batch, Puts) else batch
+
+
+def apply(view: dict[str, Value], batch: Batch) -> None:
+    """Apply one unit to a state, in order."""
+    if isinstance(batch, Puts):
+        view.update(zip(batch.keys, batch.values, strict=True))
+        return
+    for key, value in batch:
+        if value is None:
+            view.pop(key, None)
+        else:
+            view[key] = value
+
+
 @dataclass
 class Decoded:
     """What a codec found in a buffer: complete records, and where (if) it stopped early."""
 
-    batches: list[list[Op]] = field(default_factory=list)
+    batches: list[Batch] = field(default_factory=list)
     #: end offset (in the buffer) of each batch, so readers can stop at any record boundary
     ends: list[int] = field(default_factory=list)
     #: size units (bytes, or characters for text) of each batch
@@ -61,6 +92,10 @@ class Codec:
     def _encode(self, ops: list[Op], limit: int) -> list[tuple[bytes, int]]:
         raise NotImplementedError
 
+    def encode_state(self, items: list[tuple[str, Value]], limit: int) -> list[tuple[bytes, int]]:
+        """Encode live state (distinct keys, puts only) in the form fastest to read back."""
+        return self.encode(list[Op](items), limit)
+
     def decode(self, buf: bytes) -> Decoded:
         """Decode every complete, valid record at the start of ``buf``."""
         raise NotImplementedError
@@ -79,6 +114,23 @@ ENTRY = struct.Struct("<BII")  # op, key length, value length
 _SINGLE = struct.Struct("<IBBII")  # length and type, then the one entry's header
 RECORD_OPS = 1  # entries; ends an atomic unit
 RECORD_OPS_MORE = 2  # entries; the unit continues in the next record
+RECORD_PACKED = 3  # puts of distinct keys in columns (compaction output); ends a unit
+PACKED = struct.Struct("<IIII")  # count, key blob, str-value blob, bytes-value blob sizes
+_PACKED_TARGET = 1 << 20  # bytes of keys and values per packed record
+
+
+def _u32s(data: bytes) -> array[int]:
+    out = array("I")
+    out.frombytes(data)
+    if sys.byteorder == "big":
+        out.byteswap()
+    return out
+
+
+def _slices(text: str | bytes, lengths: Iterable[int]) -> list[str] | list[bytes]:
+    """Cut ``text`` into consecutive pieces of the given lengths, at C speed."""
+    ends = list(accumulate(lengths))
+    return list(map(text.__getitem__, map(slice, [0, *ends[:-1]], ends)))  # type: ignore[return-value]
 OP_PUT_STR, OP_PUT_BYTES, OP_DELETE = 1, 2, 3
 
 
@@ -120,6 +172,81 @@ class BinaryCodec(Codec):
             records.append((record, len(record)))
         return records
 
+    def encode_state(self, items: list[tuple[str, Value]], limit: int) -> list[tuple[bytes, int]]:
+        records: list[tuple[bytes, int]] = []
+        chunk: list[tuple[str, Value]] = []
+        size = 0
+        for item in items:
+            chunk.append(item)
+            size += len(item[0]) + len(item[1])
+            if size >= _PACKED_TARGET:
+                records += self._packed_within(chunk, limit)
+                chunk, size = [], 0
+        if chunk:
+            records += self._packed_within(chunk, limit)
+        return records
+
+    def _packed_within(self, items: list[tuple[str, Value]], limit: int
+                       ) -> list[tuple[bytes, int]]:
+        record = self._encode_packed(items)
+        if len(record) <= limit or len(items) == 1:
+            if len(record) <= limit:
+                return [(record, len(record))]
+            return self.encode(list[Op](items), limit)
+        half = len(items) // 2
+        return self._packed_within(items[:half], limit) + self._packed_within(items[half:], limit)
+
+    def _encode_packed(self, items: list[tuple[str, Value]]) -> bytes:
+        """Columns: key lengths (code points), value kinds, value lengths (code points
+        for str, bytes for bytes), then the keys, str values and bytes values, each
+        concatenated: reading back is a few C-level splits instead of a loop per key."""
+        keys = [k for k, _ in items]
+        kinds = bytes(1 if isinstance(v, str) else 2 for _, v in items)
+        klens, vlens = array("I", map(len, keys)), array("I", (len(v) for _, v in items))
+        if sys.byteorder == "big":
+            klens.byteswap()
+            vlens.byteswap()
+        kblob = "".join(keys).encode("utf-8")
+        sblob = "".join(v for _, v in items if isinstance(v, str)).encode("utf-8")
+        bblob = b"".join(v for _, v in items if isinstance(v, bytes))
+        payload = b"".join((PACKED.pack(len(items), len(kblob), len(sblob), len(bblob)),
+                            klens.tobytes(), kinds, vlens.tobytes(), kblob, sblob, bblob))
+        body = struct.pack("<IB", len(payload), RECORD_PACKED) + payload
+        return struct.pack("<I", zlib.crc32(body)) + body
+
+    def _packed(self, buf: bytes, pos: int, end: int) -> Puts | None:
+        if end - pos < PACKED.size:
+            return None
+        n, kl, sl, bl = PACKED.unpack_from(buf, pos)
+        pos += PACKED.size
+        if pos + 9 * n + kl + sl + bl != end:
+            return None
+        klens = _u32s(buf[pos : pos + 4 * n])
+        kinds = buf[pos + 4 * n : pos + 5 * n]
+        vlens = _u32s(buf[pos + 5 * n : pos + 9 * n])
+        pos += 9 * n
+        try:
+            ktext = buf[pos : pos + kl].decode("utf-8")
+            stext = buf[pos + kl : pos + kl + sl].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        blob = buf[pos + kl + sl : end]
+        nstr = kinds.count(1)
+        if sum(klens) != len(ktext) or nstr + kinds.count(2) != n:
+            return None
+        keys = _slices(ktext, klens)
+        if nstr == n:
+            if sum(vlens) != len(stext) or blob:
+                return None
+            return Puts(keys, _slices(stext, vlens))  # type: ignore[arg-type]
+        slens = [v for v, k in zip(vlens, kinds, strict=True) if k == 1]
+        blens = [v for v, k in zip(vlens, kinds, strict=True) if k == 2]
+        if sum(slens) != len(stext) or sum(blens) != len(blob):
+            return None
+        strs, raws = iter(_slices(stext, slens)), iter(_slices(blob, blens))
+        values = [next(strs) if k == 1 else next(raws) for k in kinds]
+        return Puts(keys, values)  # type: ignore[arg-type]
+
     def _record_end(self, buf: bytes, pos: int) -> tuple[int, str]:
         """End offset of the valid record at ``pos``, or (-1, what is wrong with it)."""
         n = len(buf)
@@ -131,16 +258,22 @@ class BinaryCodec(Codec):
             return -1, f"record length {length} runs past the end of the data"
         if zlib.crc32(memoryview(buf)[pos + 4 : end]) != crc:
             return -1, "checksum mismatch"
-        if rtype not in (RECORD_OPS, RECORD_OPS_MORE):
+        if rtype not in (RECORD_OPS, RECORD_OPS_MORE, RECORD_PACKED):
             return -1, f"unknown record type {rtype}"
         return end, ""
 
     def next_valid(self, buf: bytes, start: int) -> int:
         for pos in range(start + 1, len(buf)):
             end, _ = self._record_end(buf, pos)
-            if end > 0 and self._entries(buf, pos + HEADER.size, end) is not None:
+            if end > 0 and self._payload(buf, pos, end) is not None:
                 return pos
         return len(buf)
+
+    def _payload(self, buf: bytes, pos: int, end: int) -> Batch | None:
+        """The ops of the record at ``pos`` (checksum already verified), None if malformed."""
+        if buf[pos + 8] == RECORD_PACKED:
+            return self._packed(buf, pos + HEADER.size, end)
+        return self._entries(buf, pos + HEADER.size, end)
 
     def _entries(self, buf: bytes, pos: int, end: int) -> list[Op] | None:
         ops: list[Op] = []
@@ -169,7 +302,7 @@ class BinaryCodec(Codec):
         pos, n = 0, len(buf)
         while pos < n:
             end, problem = self._record_end(buf, pos)
-            ops = self._entries(buf, pos + HEADER.size, end) if end > 0 else None
+            ops = self._payload(buf, pos, end) if end > 0 else None
             if ops is None:
                 out.problem = problem or "malformed entries in a record with a valid checksum"
                 # A crash can leave a partial or garbled last record, but nothing valid after it.

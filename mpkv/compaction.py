@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator
 
-from .codec import Codec, Op, Value
+from .codec import Codec, Value, apply
 from .errors import CorruptionError
 from .segments import AUX, fsync_dir, list_segments, parse_name, segment_name
 
 TMP_PREFIX = "compact-"
-_RECORD_TARGET = 64 * 1024  # group puts into records of about this size (binary)
 
 
 def replay(path: str, codec: Codec, names: list[str]) -> dict[str, Value]:
@@ -31,27 +29,9 @@ def replay(path: str, codec: Codec, names: list[str]) -> dict[str, Value]:
         if dec.problem:
             raise CorruptionError(f"{file}: damaged record at offset {dec.stop}: {dec.problem}"
                                   " (run mpkv repair)", file, dec.stop)
-        for ops in dec.batches:
-            for key, value in ops:
-                if value is None:
-                    state.pop(key, None)
-                else:
-                    state[key] = value
+        for batch in dec.batches:
+            apply(state, batch)
     return state
-
-
-def _records(codec: Codec, items: list[Op], max_units: int) -> Iterator[tuple[bytes, int]]:
-    """Encode puts, several per record where the codec allows, each within the limit."""
-    chunk: list[Op] = []
-    size = 0
-    for op in items:
-        chunk.append(op)
-        size += 9 + len(op[0]) + len(op[1] or "")
-        if size >= _RECORD_TARGET:
-            yield from codec.encode(chunk, max_units)
-            chunk, size = [], 0
-    if chunk:
-        yield from codec.encode(chunk, max_units)
 
 
 def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: int) -> list[str]:
@@ -62,7 +42,7 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
     f = None
     used = 0
     try:
-        for data, units in _records(codec, list(state.items()), max_units):
+        for data, units in codec.encode_state(list(state.items()), max_units):
             if f is None or used + units > max_units:
                 if f is not None:
                     f.flush()

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .codec import Codec, Op, codec_for
+from .codec import Batch, Codec, Op, codec_for, ops_of
 from .errors import CorruptionError, Error, FormatError
 
 AUX = ".mpkv"
@@ -286,14 +286,14 @@ class Cursor:
                 return name
         raise NeedReload
 
-    def read(self, limit: Limit | None) -> tuple[list[list[Op]], int | None]:
+    def read(self, limit: Limit | None) -> tuple[list[Batch], int | None]:
         """Decode what follows the cursor, up to ``limit``; return the complete atomic
         units and, when the log ends in a torn record or an unfinished unit, the offset
         (in the cursor's segment) where the torn part starts.
 
         A unit may span segments; until its last record is read the cursor stays at its
         start, so an unfinished unit is read again, whole, next time."""
-        batches: list[list[Op]] = []
+        batches: list[Batch] = []
         pending: list[Op] = []  # ops of a unit whose last record is not read yet
         mark = (self.name, self.offset, self.units)  # where that unit starts
         while True:
@@ -313,9 +313,9 @@ class Cursor:
             for ops, end, units, more in zip(dec.batches, dec.ends, dec.units, dec.more,
                                              strict=True):
                 if more:
-                    pending += ops
+                    pending += ops_of(ops)
                 else:
-                    batches.append(pending + ops if pending else ops)
+                    batches.append(pending + ops_of(ops) if pending else ops)
                     pending = []
                 self.offset = start + end
                 self.units += units

@@ -21,7 +21,7 @@ from typing import Any
 import filelock
 
 from . import compaction, snapshot
-from .codec import Op, Value
+from .codec import Batch, Op, Value, apply, ops_of
 from .errors import ClosedError, Error, FormatError, ReadOnlyError
 from .locks import WriterLock
 from .segments import (
@@ -213,12 +213,8 @@ class Store(MutableMapping[str, Value]):
                 cursor.close()
                 continue
             view: dict[str, Value] = {}
-            for ops in batches:
-                for key, value in ops:
-                    if value is None:
-                        view.pop(key, None)
-                    else:
-                        view[key] = value
+            for batch in batches:
+                apply(view, batch)
             old = self._view
             changes: list[Op] = [(k, v) for k, v in view.items() if old.get(k, _MISSING) != v]
             changes += [(k, None) for k in old if k not in view]
@@ -229,22 +225,18 @@ class Store(MutableMapping[str, Value]):
             return len(changes)
         raise Error(f"{self.path}: could not read a stable set of segments (compaction loop?)")
 
-    def _apply(self, batches: list[list[Op]]) -> None:
+    def _apply(self, batches: list[Batch]) -> None:
         """Change the view; tail mutex held. The version is odd meanwhile, so optimistic
         readers retry (a seqlock): a batch is seen whole or not at all."""
         view = self._view
         self._version += 1
         try:
-            for ops in batches:
-                for key, value in ops:
-                    if value is None:
-                        view.pop(key, None)
-                    else:
-                        view[key] = value
+            for batch in batches:
+                apply(view, batch)
         finally:
             self._version += 1
         if self._listeners:
-            self._notify([op for ops in batches for op in ops])
+            self._notify([op for batch in batches for op in ops_of(batch)])
 
     def _notify(self, ops: list[Op]) -> None:
         for queue in self._listeners:
