@@ -12,8 +12,8 @@ import glob
 import os
 
 from .codec import Codec, Value, apply
-from .errors import CorruptionError
-from .segments import AUX, fsync_dir, list_segments, parse_name, segment_name
+from .errors import CorruptionError, Error
+from .segments import AUX, fsync_dir, segment_name
 
 TMP_PREFIX = "compact-"
 
@@ -53,9 +53,11 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
                 used = 0
             f.write(data)
             used += units
-        if f is not None:
-            f.flush()
-            os.fsync(f.fileno())
+        if f is None:  # an empty state still gets a (empty) first part: the log's start
+            outputs.append(os.path.join(aux, f"{TMP_PREFIX}{os.getpid()}-0.tmp"))
+            f = open(outputs[-1], "wb")  # noqa: SIM115
+        f.flush()
+        os.fsync(f.fileno())
     finally:
         if f is not None:
             f.close()
@@ -63,13 +65,14 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
 
 
 def install(path: str, outputs: list[str], number: int) -> list[str]:
-    """Rename the outputs into place as parts of ``number`` (writer lock held)."""
-    taken = [parse_name(n) for n in list_segments(path)]
-    first = 1 + max((p for m, p in filter(None, taken) if m == number), default=0)
-    names = []
-    for k, tmp in enumerate(outputs, start=first):
-        names.append(segment_name(number, k))
-        os.rename(tmp, os.path.join(path, names[-1]))
+    """Rename the outputs into place as parts 1, 2, ... of ``number`` (writer lock held).
+    Each compaction seals a new segment first, so ``number`` was never compacted before."""
+    names = [segment_name(number, k) for k in range(1, len(outputs) + 1)]
+    for tmp, name in zip(outputs, names, strict=True):
+        target = os.path.join(path, name)
+        if os.path.exists(target):
+            raise Error(f"{target}: compaction output exists already; not overwriting it")
+        os.rename(tmp, target)
     fsync_dir(path)
     return names
 

@@ -264,6 +264,7 @@ class Cursor:
         self.offset = 0
         self.units = 0  # size of the current segment in the limit's units
         self.number = 0  # the current segment's number (0: none yet)
+        self.whole = True  # began at the start of the log, not on a suffix of it
 
     def _enter(self, name: str, flags: int = 0) -> None:
         mode = os.O_RDWR if self.writable else os.O_RDONLY
@@ -276,10 +277,15 @@ class Cursor:
         self.number = parse_name(name)[0]  # type: ignore[index]
 
     def _next(self) -> str | None:
-        """The segment to read after this one: the first later name that continues the
-        log from it (see ``follows``). NeedReload when later names exist but none does."""
+        """The segment to read after this one.
+
+        A cursor that read the log from its start takes the first later name that
+        continues the log (see ``follows``): ``N+1`` before a compaction's outputs, so a
+        watcher sees every change once; NeedReload when none does. A cursor that began
+        on a suffix (it opened while a compaction was deleting its inputs) must take every
+        later name in order, outputs included: that replay is exact (compaction.md)."""
         later = [n for n in list_segments(self.path) if self.name is None or n > self.name]
-        if self.name is None or not later:
+        if self.name is None or not later or not self.whole:
             return later[0] if later else None
         for name in later:
             if follows(self.name, name):
@@ -302,6 +308,8 @@ class Cursor:
                 if first is None or (limit is not None and parse_name(first)[0] > limit[0]):  # type: ignore[index]
                     return batches, None
                 self._enter(first)
+                # The log starts at segment 1 or at part 1 of a compaction's output.
+                self.whole = parse_name(first) in ((1, 0), (parse_name(first)[0], 1))  # type: ignore[index]
                 mark = (self.name, 0, 0)
             last = limit is not None and self.number >= limit[0]
             size = os.fstat(self.fd).st_size

@@ -523,7 +523,7 @@ class Store(MutableMapping[str, Value]):
                 try:
                     with self._tail_mutex:
                         self._sync_with_log()
-                        if self._cursor.offset > 0:
+                        if self._cursor.name is not None:  # seal, even if empty: a new b
                             self._shm.begin()
                             self._rotate()
                             self._seen_seq = self._shm.publish(self._cursor.number, 0)

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codec import Value
+from .codec import Batch, Value, apply
 from .recovery import verify
 from .segments import list_segments, read_meta
 from .store import Store
@@ -392,23 +392,24 @@ def lost_write(ops: list[RegOp], final: Reg) -> str:
 
 def replay_segments(path: str) -> dict[str, Value]:
     """The state the segment files add up to, read raw (no Store, no commit point);
-    an incomplete record at the end of the newest segment is ignored, as torn."""
+    an incomplete record or unit at the end of the newest segment is ignored, as torn."""
     meta = read_meta(path)
     assert meta is not None
     codec, state = meta.codec, dict[str, Value]()
     names = list_segments(path)
+    unit: list[Batch] = []  # the records of one atomic unit (chained across records)
     for n, name in enumerate(names):
         with open(os.path.join(path, name), "rb") as f:
             decoded = codec.decode(f.read())
         if decoded.problem and not (decoded.torn and n == len(names) - 1):
             raise ValueError(f"{name}: {decoded.problem} at offset {decoded.stop}")
-        for ops in decoded.batches:
-            for key, value in ops:
-                if value is None:
-                    state.pop(key, None)
-                else:
-                    state[key] = value
-    return state
+        for batch, more in zip(decoded.batches, decoded.more, strict=True):
+            unit.append(batch)
+            if not more:
+                for b in unit:
+                    apply(state, b)
+                unit = []
+    return state  # an unfinished unit at the end was cut short: not applied
 
 
 @dataclass
