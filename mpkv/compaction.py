@@ -8,12 +8,23 @@ state. The outputs hold puts only: they start the log, so no tombstone is needed
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 
 from .codec import Codec, Value, apply
 from .errors import CorruptionError, Error
-from .segments import AUX, fsync_dir, segment_name
+from .segments import (
+    AUX,
+    RETAINED,
+    SWITCH,
+    fsync_dir,
+    list_log,
+    list_segments,
+    parse_name,
+    segment_name,
+)
+from .snapshot import write_atomically
 
 TMP_PREFIX = "compact-"
 
@@ -64,27 +75,59 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
     return outputs
 
 
-def install(path: str, outputs: list[str], number: int) -> list[str]:
-    """Rename the outputs into place as parts 1, 2, ... of ``number`` (writer lock held).
-    Each compaction seals a new segment first, so ``number`` was never compacted before."""
-    names = [segment_name(number, k) for k in range(1, len(outputs) + 1)]
-    for tmp, name in zip(outputs, names, strict=True):
-        target = os.path.join(path, name)
-        if os.path.exists(target):
-            raise Error(f"{target}: compaction output exists already; not overwriting it")
-        os.rename(tmp, target)
+def switch(path: str, outputs: list[str], number: int, inputs: list[str],
+           needed: int | None, dirlock: int) -> None:
+    """Put the outputs in place of the inputs (writer lock held).
+
+    Under the directory lock held exclusively, so no reader lists the directory halfway:
+    rename the outputs to parts 1, 2, ... of ``number`` (each compaction seals a new
+    segment first, so ``number`` was never compacted before); record the switch in
+    ``.mpkv/compacted`` (from then on ``list_log`` ignores the inputs, even after a
+    crash); move inputs a live watcher still needs (number >= ``needed``) to
+    ``.mpkv/retained/`` and delete the others; drop the record."""
+    fcntl.flock(dirlock, fcntl.LOCK_EX)
+    try:
+        for k, tmp in enumerate(outputs, start=1):
+            target = os.path.join(path, segment_name(number, k))
+            if os.path.exists(target):
+                raise Error(f"{target}: compaction output exists already; not overwriting it")
+            os.rename(tmp, target)
+        fsync_dir(path)
+        aux = os.path.join(path, AUX)
+        write_atomically(os.path.join(aux, SWITCH), str(number).encode())
+        _retire(path, inputs, needed)
+        os.unlink(os.path.join(aux, SWITCH))
+        fsync_dir(aux)
+    finally:
+        fcntl.flock(dirlock, fcntl.LOCK_UN)
+
+
+def _retire(path: str, inputs: list[str], needed: int | None) -> None:
+    kept = os.path.join(path, AUX, RETAINED)
+    old = list_segments(kept) if os.path.isdir(kept) else []
+    for name in old:  # what watchers no longer need
+        if needed is None or parse_name(name)[0] < needed:  # type: ignore[index]
+            os.unlink(os.path.join(kept, name))
+    for name in inputs:
+        if needed is not None and parse_name(name)[0] >= needed:  # type: ignore[index]
+            os.makedirs(kept, exist_ok=True)
+            os.rename(os.path.join(path, name), os.path.join(kept, name))
+        else:
+            os.unlink(os.path.join(path, name))
     fsync_dir(path)
-    return names
 
 
-def remove(path: str, names: list[str]) -> None:
-    """Delete replaced segments oldest first, so any listing replays correctly."""
-    for name in names:
-        os.unlink(os.path.join(path, name))
-    fsync_dir(path)
-
-
-def remove_stale_outputs(path: str) -> None:
-    """Temporary outputs of a compaction that died (compaction lock held)."""
+def tidy(path: str, needed: int | None, dirlock: int) -> None:
+    """Finish a switch a crash interrupted, and delete outputs of a compaction that died
+    before its switch (compaction lock held)."""
     for tmp in glob.glob(os.path.join(path, AUX, f"{TMP_PREFIX}*.tmp")):
         os.unlink(tmp)
+    marker = os.path.join(path, AUX, SWITCH)
+    if os.path.exists(marker):
+        fcntl.flock(dirlock, fcntl.LOCK_EX)
+        try:
+            live = set(list_log(path))
+            _retire(path, [n for n in list_segments(path) if n not in live], needed)
+            os.unlink(marker)
+        finally:
+            fcntl.flock(dirlock, fcntl.LOCK_UN)

@@ -9,6 +9,7 @@ so no other file can be taken for a segment. See docs/format.md and docs/protoco
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -23,6 +24,9 @@ LOCK = "lock"
 SHM = "shm"
 READERS = "readers"
 INTENT = "txn"
+DIRLOCK = "dirlock"  # shared: listing + opening a segment; exclusive: compaction's switch
+SWITCH = "compacted"  # "b": compaction b's outputs are all in place; its inputs go
+RETAINED = "retained"  # compacted inputs a live watcher has not read yet
 MAGIC = "mpkv"
 VERSION = 1
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -43,21 +47,35 @@ def parse_name(name: str) -> tuple[int, int] | None:
 
 
 def list_segments(path: str) -> list[str]:
+    """Every segment file in the directory, in name order (see ``list_log``)."""
     return sorted(n for n in os.listdir(path) if _NAME.match(n))
+
+
+def list_log(path: str) -> list[str]:
+    """The segments that make up the log, in order. After a compaction recorded its
+    switch (all outputs in place), the inputs it replaced no longer count, even if a
+    crash left some behind (docs/compaction.md)."""
+    names = list_segments(path)
+    try:
+        with open(os.path.join(path, AUX, SWITCH), encoding="ascii") as f:
+            switched = int(f.read())
+    except (FileNotFoundError, ValueError):
+        return names
+    first = segment_name(switched, 1)
+    return [n for n in names if n >= first and n != segment_name(switched)]
 
 
 def follows(prev: str, nxt: str) -> bool:
     """True when a reader that applied ``prev`` may apply ``nxt`` next and stay exact.
 
-    Appended segments chain by number. Compaction outputs of number b hold the live
-    state as of segment b as plain puts, so they may be followed by b itself (applying it
-    again changes nothing) or by b + 1. Any other step means files the reader needed
-    were compacted away: it must reload.
+    Appended segments chain by number; the parts of a compaction output by part; the
+    last part of the output of b (the state as of segment b) by b + 1. Any other step
+    means files the reader needed were compacted away: it must reload.
     """
     pm, pp = parse_name(prev) or (0, 0)
     nm, np_ = parse_name(nxt) or (0, 0)
     if np_ == 0:
-        return nm == pm + 1 or (pp != 0 and nm == pm)
+        return nm == pm + 1
     return pp != 0 and nm == pm and np_ == pp + 1
 
 
@@ -152,14 +170,17 @@ def create_meta(path: str, meta: Meta) -> Meta:
 
 
 def write_intent(path: str, number: int, offset: int, durable: bool) -> None:
-    file = os.path.join(path, AUX, INTENT)
-    with open(file, "w", encoding="ascii") as f:
+    """Written whole then renamed into place: a reader never sees half a position."""
+    aux = os.path.join(path, AUX)
+    tmp = os.path.join(aux, f"{INTENT}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="ascii") as f:
         f.write(f"{number} {offset}\n")
         if durable:
             f.flush()
             os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(aux, INTENT))
     if durable:
-        fsync_dir(os.path.join(path, AUX))
+        fsync_dir(aux)
 
 
 def read_intent(path: str) -> tuple[int, int] | None:
@@ -247,6 +268,13 @@ class NeedReload(Exception):
 Limit = tuple[int, "int | None"]
 
 
+def _beyond(name: str, limit: Limit | None) -> bool:
+    """True when segment ``name`` lies past the limit. Compaction outputs never do: they
+    hold a whole sealed state, maybe newer than a limit read just before they appeared."""
+    number, part = parse_name(name)  # type: ignore[misc]
+    return limit is not None and part == 0 and number > limit[0]
+
+
 class Cursor:
     """A position in the log: the current segment and the end of the last record applied.
 
@@ -255,42 +283,57 @@ class Cursor:
     rotates through the same cursor, so it never re-reads its own records.
     """
 
-    def __init__(self, path: str, codec: Codec, writable: bool) -> None:
+    def __init__(self, path: str, codec: Codec, writable: bool, dirlock: int | None) -> None:
         self.path = path
         self.codec = codec
         self.writable = writable
+        self.dirlock = dirlock  # descriptor of .mpkv/dirlock (None: cannot be opened)
+        self.retained = False  # also look in .mpkv/retained/ (a watcher needs every change)
         self.name: str | None = None
+        self.folder = path  # where the current segment is
         self.fd = -1
         self.offset = 0
         self.units = 0  # size of the current segment in the limit's units
         self.number = 0  # the current segment's number (0: none yet)
-        self.whole = True  # began at the start of the log, not on a suffix of it
+        self.part = 0  # and its compaction part (0: an appended segment)
 
-    def _enter(self, name: str, flags: int = 0) -> None:
+    def _enter(self, name: str, folder: str, fd: int) -> None:
+        self.close()
+        self.name, self.folder, self.fd, self.offset, self.units = name, folder, fd, 0, 0
+        self.number, self.part = parse_name(name)  # type: ignore[misc]
+
+    def _open(self, folder: str, name: str, flags: int = 0) -> int:
         mode = os.O_RDWR if self.writable else os.O_RDONLY
         try:
-            fd = os.open(os.path.join(self.path, name), mode | flags, 0o644)
+            return os.open(os.path.join(folder, name), mode | flags, 0o644)
         except FileNotFoundError:
             raise NeedReload from None
-        self.close()
-        self.name, self.fd, self.offset, self.units = name, fd, 0, 0
-        self.number = parse_name(name)[0]  # type: ignore[index]
 
-    def _next(self) -> str | None:
-        """The segment to read after this one.
+    def _next(self) -> tuple[str, str, int] | None:
+        """The segment to read after this one, opened: ``(name, folder, fd)``.
 
-        A cursor that read the log from its start takes the first later name that
-        continues the log (see ``follows``): ``N+1`` before a compaction's outputs, so a
-        watcher sees every change once; NeedReload when none does. A cursor that began
-        on a suffix (it opened while a compaction was deleting its inputs) must take every
-        later name in order, outputs included: that replay is exact (compaction.md)."""
-        later = [n for n in list_segments(self.path) if self.name is None or n > self.name]
-        if self.name is None or not later or not self.whole:
-            return later[0] if later else None
-        for name in later:
-            if follows(self.name, name):
-                return name
-        raise NeedReload
+        Listing and opening hold the directory lock shared, so a compaction's switch
+        (exclusive) is seen whole or not at all. The first later name that continues the
+        log (see ``follows``) is taken: ``N+1`` before a compaction's outputs, so a watcher
+        sees every change once. NeedReload when later names exist but none continues."""
+        if self.dirlock is not None:
+            fcntl.flock(self.dirlock, fcntl.LOCK_SH)
+        try:
+            later = [(n, self.path) for n in list_log(self.path)
+                     if self.name is None or n > self.name]
+            kept = os.path.join(self.path, AUX, RETAINED)
+            if self.retained and os.path.isdir(kept):
+                later = sorted(later + [(n, kept) for n in list_segments(kept)
+                                        if self.name is None or n > self.name])
+            if not later:
+                return None
+            for name, folder in later if self.name is not None else later[:1]:
+                if self.name is None or follows(self.name, name):
+                    return name, folder, self._open(folder, name)
+            raise NeedReload
+        finally:
+            if self.dirlock is not None:
+                fcntl.flock(self.dirlock, fcntl.LOCK_UN)
 
     def read(self, limit: Limit | None) -> tuple[list[Batch], int | None]:
         """Decode what follows the cursor, up to ``limit``; return the complete atomic
@@ -301,17 +344,20 @@ class Cursor:
         start, so an unfinished unit is read again, whole, next time."""
         batches: list[Batch] = []
         pending: list[Op] = []  # ops of a unit whose last record is not read yet
-        mark = (self.name, self.offset, self.units)  # where that unit starts
+        mark = (self.name, self.folder, self.offset, self.units)  # where that unit starts
         while True:
             if self.name is None:
                 first = self._next()
-                if first is None or (limit is not None and parse_name(first)[0] > limit[0]):  # type: ignore[index]
+                if first is None:
                     return batches, None
-                self._enter(first)
-                # The log starts at segment 1 or at part 1 of a compaction's output.
-                self.whole = parse_name(first) in ((1, 0), (parse_name(first)[0], 1))  # type: ignore[index]
-                mark = (self.name, 0, 0)
-            last = limit is not None and self.number >= limit[0]
+                if _beyond(first[0], limit):
+                    os.close(first[2])
+                    return batches, None
+                self._enter(*first)
+                mark = (self.name, self.folder, 0, 0)
+            # The limit names an appended segment; a compaction output with that number
+            # replaced it whole (it was sealed), so it is read to its end.
+            last = limit is not None and self.number >= limit[0] and not self.part
             size = os.fstat(self.fd).st_size
             if last and limit is not None and limit[1] is not None:
                 size = min(size, limit[1])
@@ -328,27 +374,29 @@ class Cursor:
                 self.offset = start + end
                 self.units += units
                 if not more:
-                    mark = (self.name, self.offset, self.units)
+                    mark = (self.name, self.folder, self.offset, self.units)
             nxt = None if last else self._next()
+            beyond = nxt is not None and _beyond(nxt[0], limit)
+            if nxt is not None and (dec.problem or beyond):
+                os.close(nxt[2])
             if dec.problem and not (nxt is None and dec.torn):
                 raise self._damage(start, data, dec.stop, dec.problem)
-            if dec.problem or nxt is None or (
-                    limit is not None and parse_name(nxt)[0] > limit[0]):  # type: ignore[index]
+            if dec.problem or nxt is None or beyond:
                 torn = dec.problem != "" or bool(pending)
                 if pending:
                     self._rewind(*mark)
                 return batches, (self.offset if torn else None)
-            self._enter(nxt)
+            self._enter(*nxt)
 
-    def _rewind(self, name: str | None, offset: int, units: int) -> None:
+    def _rewind(self, name: str | None, folder: str, offset: int, units: int) -> None:
         """Go back to the start of an unfinished unit, maybe in an earlier segment."""
         if name != self.name:
             assert name is not None
-            self._enter(name)
+            self._enter(name, folder, self._open(folder, name))
         self.offset, self.units = offset, units
 
     def _damage(self, start: int, data: bytes, stop: int, problem: str) -> CorruptionError:
-        file = os.path.join(self.path, self.name or "")
+        file = os.path.join(self.folder, self.name or "")
         offset = start + stop
         where = f"offset {offset}"
         if self.codec.name == "text":
@@ -385,7 +433,7 @@ class Cursor:
             os.fsync(self.fd)
         name = segment_name(self.number + 1)
         try:
-            self._enter(name, os.O_CREAT | os.O_EXCL)
+            self._enter(name, self.path, self._open(self.path, name, os.O_CREAT | os.O_EXCL))
         except FileExistsError:
             raise Error(f"{os.path.join(self.path, name)}: segment exists but was not "
                         "found while catching up; the directory changed under the lock") from None

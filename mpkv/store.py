@@ -27,6 +27,7 @@ from .locks import WriterLock
 from .segments import (
     AUX,
     DEFAULT_MAX_SEGMENT_BYTES,
+    DIRLOCK,
     LOCK,
     SHM,
     Cursor,
@@ -36,6 +37,7 @@ from .segments import (
     check_store_dir,
     clear_intent,
     create_meta,
+    list_log,
     list_segments,
     oldest_needed,
     parse_name,
@@ -49,6 +51,8 @@ from .segments import (
 from .shm import SEQ, SharedState
 
 COMPACT_LOCK = "compact.lock"
+AUTO_COMPACT_MIN_BYTES = 4 << 20  # no auto-compaction below this much sealed data...
+AUTO_COMPACT_GARBAGE = 0.5  # ... or while dead records are less than this fraction
 FSYNC_MODES = ("always", "periodic", "never")
 _MISSING: Any = object()
 
@@ -84,7 +88,8 @@ class Store(MutableMapping[str, Value]):
     def __init__(self, path: str | os.PathLike[str], *, max_segment_bytes: int | None = None,
                  format: str | None = None, fsync: str | None = None,
                  fsync_interval: float = 1.0, max_staleness: float | None = 0.0,
-                 readonly: bool = False, lock_timeout: float | None = None) -> None:
+                 readonly: bool = False, lock_timeout: float | None = None,
+                 auto_compact: bool = True) -> None:
         _check_options(max_segment_bytes, format, fsync, fsync_interval, max_staleness,
                        lock_timeout)
         self.path = os.fspath(path)
@@ -94,9 +99,11 @@ class Store(MutableMapping[str, Value]):
         self._lazy = max_staleness != 0  # reads must check the clock, not just the counter
         self.readonly = bool(readonly)
         self.lock_timeout = lock_timeout
+        self.auto_compact = bool(auto_compact)
         self._options = dict(max_segment_bytes=max_segment_bytes, format=format, fsync=fsync,
                              fsync_interval=fsync_interval, max_staleness=max_staleness,
-                             readonly=readonly, lock_timeout=lock_timeout)
+                             readonly=readonly, lock_timeout=lock_timeout,
+                             auto_compact=auto_compact)
         self.meta = self._open_meta(max_segment_bytes, format)
         self.format = self.meta.format
         self.max_segment_bytes = self.meta.max_segment_bytes
@@ -136,10 +143,11 @@ class Store(MutableMapping[str, Value]):
                                                             self.lock_timeout)
         self._shm = SharedState(os.path.join(aux, SHM), writable=not self.readonly)
         self._view: dict[str, Value] = {}
-        self._cursor = Cursor(self.path, self._codec, writable=not self.readonly)
+        self._dirlock = self._open_dirlock()
+        self._cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock)
         self._seen_seq = -1
         self._token = f"{os.getpid()}-{id(self)}"  # this store's name among watchers
-        self._registered = 0  # segment number registered for watchers (0: none)
+        self._registered: int | None = None  # segment number registered for watchers
         self._verified = False  # has this process's writer checked the log tail once?
         self._appended = 0  # records this process appended ...
         self._synced = 0  # ... and how many of them are known to be on disk
@@ -147,17 +155,30 @@ class Store(MutableMapping[str, Value]):
         self._last_refresh = 0.0
         self._stop_syncer = threading.Event()
         self._syncer: threading.Thread | None = None
+        self._compactor: threading.Thread | None = None
+        self._sealed_bytes = 0  # sealed bytes seen by this process: when to check garbage
+        self._next_check = AUTO_COMPACT_MIN_BYTES
         try:
             with self._tail_mutex:
-                # No writer mid-commit: read to the end of the files, so that records the
-                # shared state does not know (it may be stale) are seen and checked too.
-                seq, limit = self._reader_limit()
-                self._catch_up((seq, limit if self._shm.inflight else read_intent(self.path)))
+                self._catch_up(self._open_limit())
         except BaseException:
             self._close_files()
             raise
         self._q = self._shm.slots
         self._epoch = _fork_epoch[0]
+
+    def _open_dirlock(self) -> int | None:
+        file = os.path.join(self.path, AUX, DIRLOCK)
+        try:
+            if self.readonly:
+                return os.open(file, os.O_RDONLY)
+            return os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # readonly, and no writer ever created it
+            return None
+
+    def _dirlock_fd(self) -> int:
+        assert self._dirlock is not None  # writable stores always have it
+        return self._dirlock
 
     def _check(self) -> None:
         """Slow path of every public call: closed, or first use in a forked child."""
@@ -168,7 +189,7 @@ class Store(MutableMapping[str, Value]):
             # lock and file offsets, and threading locks may be held by threads that do
             # not exist here. Start over with our own (the parent's watcher registration
             # stays the parent's).
-            self._registered = 0
+            self._registered = None
             self._close_files()
             self._open_files()
 
@@ -186,6 +207,30 @@ class Store(MutableMapping[str, Value]):
             return self._shm.seq, None
         seq, seg, end = snap
         return seq, (seg, end)
+
+    def _open_limit(self) -> tuple[int, Limit | None]:
+        """Where opening stops reading: the published commit point, or the end of the
+        files when they hold more and no writer is at work (the shared state is stale:
+        the directory was copied or edited, or the machine rebooted), so that such
+        records are seen and checked too. The end is the size measured between two
+        looks at the shared state showing no writer: bytes of a writer starting later
+        are beyond it."""
+        seq, limit = self._reader_limit()
+        if limit is None:  # untrusted: read to the end, short of an unfinished text commit
+            return seq, read_intent(self.path)
+        if self._shm.inflight:
+            return seq, limit
+        names = list_log(self.path)
+        if not names:
+            return seq, limit
+        number = parse_name(names[-1])[0]  # type: ignore[index]
+        try:
+            size = os.path.getsize(os.path.join(self.path, names[-1]))
+        except FileNotFoundError:  # compacted away meanwhile: a writer is at work
+            return seq, limit
+        if self._shm.inflight or self._shm.seq != seq or (number, size) <= limit:
+            return seq, limit
+        return seq, (number, size)
 
     def _catch_up(self, seq_limit: tuple[int, Limit | None]) -> tuple[int, int | None]:
         """Apply what the log holds past the cursor, up to the limit. Tail mutex held.
@@ -206,7 +251,8 @@ class Store(MutableMapping[str, Value]):
     def _reload(self, limit: Limit | None) -> int:
         """Rebuild the view from scratch: files the cursor needed were compacted away."""
         for _ in range(100):
-            cursor = Cursor(self.path, self._codec, writable=not self.readonly)
+            cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock)
+            cursor.retained = self._cursor.retained
             try:
                 batches, _ = cursor.read(limit)
             except NeedReload:
@@ -355,8 +401,7 @@ class Store(MutableMapping[str, Value]):
                     self._append(records, ops)
             finally:
                 wlock.release()
-        if self.fsync != "never":
-            self._after_write()
+        self._after_write()
         return was
 
     def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
@@ -428,6 +473,7 @@ class Store(MutableMapping[str, Value]):
         self._seen_seq = self._shm.publish(cursor.number, cursor.offset)
 
     def _rotate(self) -> None:
+        self._sealed_bytes += self._cursor.offset
         with self._sync_mutex:
             self._cursor.rotate()  # fsyncs the sealed segment
             self._synced = self._appended
@@ -437,13 +483,31 @@ class Store(MutableMapping[str, Value]):
 
     def _after_write(self) -> None:
         """Durability per the fsync mode, outside the writer lock so that writers of all
-        processes overlap their fsyncs (group commit)."""
+        processes overlap their fsyncs (group commit); then maybe start auto-compaction."""
+        if self._sealed_bytes >= self._next_check:
+            self._maybe_compact()
         if self.fsync == "always":
             self._sync(self._appended)
         elif self.fsync == "periodic" and self._syncer is None:
             self._syncer = threading.Thread(target=self._sync_periodically, daemon=True,
                                             name=f"mpkv-fsync {self.path}")
             self._syncer.start()
+
+    def _maybe_compact(self) -> None:
+        """Start a background compaction when dead records fill most of the sealed data.
+        Writers never wait for it except while it seals a segment and renames files."""
+        self._next_check = self._sealed_bytes + AUTO_COMPACT_MIN_BYTES
+        if not self.auto_compact or (self._compactor and self._compactor.is_alive()):
+            return
+        names = list_segments(self.path)[:-1]
+        sealed = sum(os.path.getsize(os.path.join(self.path, n)) for n in names)
+        with self._tail_mutex:
+            live = sum(len(k) + len(v) for k, v in self._view.items()) + 18 * len(self._view)
+        if sealed < AUTO_COMPACT_MIN_BYTES or live > sealed * (1 - AUTO_COMPACT_GARBAGE):
+            return
+        self._compactor = threading.Thread(target=self._compact, args=(False,), daemon=True,
+                                           name=f"mpkv-compact {self.path}")
+        self._compactor.start()
 
     def _sync_now(self) -> None:
         with self._sync_mutex:
@@ -516,8 +580,18 @@ class Store(MutableMapping[str, Value]):
         Writers wait only while the active segment is sealed and while the outputs are
         renamed into place; the rewriting itself runs without the writer lock."""
         self._writable()
-        with filelock.FileLock(os.path.join(self.path, AUX, COMPACT_LOCK)):
-            compaction.remove_stale_outputs(self.path)
+        return self._compact(True)
+
+    def _compact(self, wait: bool) -> dict[str, int]:
+        """``wait=False`` (auto-compaction): give up at once if another one runs."""
+        try:
+            lock = filelock.FileLock(os.path.join(self.path, AUX, COMPACT_LOCK),
+                                     timeout=-1 if wait else 0)
+            lock.acquire()
+        except filelock.Timeout:
+            return {}
+        try:
+            compaction.tidy(self.path, oldest_needed(self.path), self._dirlock_fd())
             with self._write_mutex:
                 self._lock()
                 try:
@@ -530,7 +604,7 @@ class Store(MutableMapping[str, Value]):
                         active = self._cursor.name
                 finally:
                     self._unlock()
-            sealed = [n for n in list_segments(self.path) if active is None or n < active]
+            sealed = [n for n in list_log(self.path) if active is None or n < active]
             before = sum(os.path.getsize(os.path.join(self.path, n)) for n in sealed)
             if not sealed:
                 return {"segments_before": 0, "segments_after": 0, "bytes_before": 0,
@@ -543,13 +617,12 @@ class Store(MutableMapping[str, Value]):
             with self._write_mutex:
                 self._lock()
                 try:
-                    compaction.install(self.path, outputs, number)
-                    # Keep what a watcher has not read yet (a suffix: replay stays exact).
-                    needed = oldest_needed(self.path)
-                    compaction.remove(self.path, [n for n in sealed if needed is None
-                                                  or parse_name(n)[0] < needed])  # type: ignore[index]
+                    compaction.switch(self.path, outputs, number, sealed,
+                                      oldest_needed(self.path), self._dirlock_fd())
                 finally:
                     self._unlock()
+        finally:
+            lock.release()
         return {"segments_before": len(sealed), "segments_after": len(outputs),
                 "bytes_before": before, "bytes_after": after}
 
@@ -567,6 +640,7 @@ class Store(MutableMapping[str, Value]):
 
     def _register(self) -> None:
         """Tell compaction which segments this process's watchers have yet to read."""
+        self._cursor.retained = True
         if not self.readonly:
             register_reader(self.path, self._token, self._cursor.number)
             self._registered = self._cursor.number
@@ -597,9 +671,10 @@ class Store(MutableMapping[str, Value]):
             with self._tail_mutex:
                 if queue in self._listeners:
                     self._listeners.remove(queue)
-                if not self._listeners and self._registered and self._epoch != -1:
+                if not self._listeners and self._registered is not None and self._epoch != -1:
                     unregister_reader(self.path, self._token)
-                    self._registered = 0
+                    self._registered = None
+                    self._cursor.retained = False
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -613,13 +688,18 @@ class Store(MutableMapping[str, Value]):
                 self._syncer.join()
             if self.fsync != "never":
                 self._sync(self._appended)
+        if self._compactor is not None:
+            self._compactor.join()
         self._epoch = -1
         self._close_files()
 
     def _close_files(self) -> None:
-        if self._registered:
+        if self._registered is not None:
             unregister_reader(self.path, self._token)
         self._cursor.close()
+        if self._dirlock is not None:
+            os.close(self._dirlock)
+            self._dirlock = None
         self._shm.close()
         if self._wlock is not None:
             self._wlock.close()
