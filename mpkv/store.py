@@ -442,6 +442,12 @@ class Store(MutableMapping[str, Value]):
                 self._reload(None)
             _, torn = self._catch_up((shm.seq, None))
             self._verified = True
+            if torn is not None:
+                self._cursor.truncate(torn)
+            # Records a dead writer left unpublished are now in our view: publish them,
+            # so every process sees the same log, even if we end up writing nothing.
+            self._seen_seq = shm.publish(self._cursor.number, self._cursor.offset)
+            return
         if torn is not None:
             self._cursor.truncate(torn)
 
