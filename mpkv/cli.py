@@ -29,7 +29,7 @@ def _progress(items: Iterable[T], total: int | None, what: str) -> Iterable[T]:
         return items
     from tqdm import tqdm  # only needed on a terminal
 
-    bar: Iterable[T] = tqdm(items, total=total, desc=what, unit="rec", file=sys.stderr)
+    bar: Iterable[T] = tqdm(items, total=total, desc=what, file=sys.stderr)
     return bar
 
 
@@ -144,15 +144,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segments_bar(names: list[str]) -> Iterable[str]:
+    return _progress(names, len(names), "segments")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = recovery.verify(args.path)
+    report = recovery.verify(args.path, progress=_segments_bar)
     print(report.summary())
     print("OK" if report.ok else "DAMAGED: run `mpkv repair PATH`")
     return 0 if report.ok else 1
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    report = recovery.repair(args.path)
+    report = recovery.repair(args.path, progress=_segments_bar)
     print(report.summary())
     print("nothing to repair" if not report.damage else
           f"repaired: {len(report.damage)} damaged ranges moved to {len(report.quarantined)} "

@@ -10,12 +10,13 @@ into the files it rewrites.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .codec import Codec
 from .errors import FormatError
 from .locks import WriterLock
-from .segments import AUX, LOCK, fsync_dir, list_segments, read_meta
+from .segments import AUX, LOCK, Meta, fsync_dir, list_log, read_meta
 from .snapshot import write_atomically
 
 QUARANTINE = "quarantine"
@@ -77,50 +78,49 @@ def _scan(codec: Codec, file: str, data: bytes, newest: bool
     return records, good, damage
 
 
-def _check(path: str) -> tuple[Codec, list[str]]:
+def _meta(path: str) -> Meta:
     meta = read_meta(path) if os.path.isdir(path) else None
     if meta is None:
         raise FormatError(f"{path}: not an mpkv store")
-    return meta.codec, list_segments(path)
+    return meta
 
 
-def verify(path: str | os.PathLike[str]) -> Report:
-    """Check every record; the report says what is damaged. Changes nothing."""
-    path = os.fspath(path)
-    codec, names = _check(path)
+Progress = Callable[[list[str]], Iterable[str]]
+
+
+def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Report:
+    """Scan every segment of the log; with ``fix``, quarantine damage and rewrite."""
+    names = list_log(path)
     report = Report(segments=len(names))
-    for i, name in enumerate(names):
+    for i, name in enumerate(progress(names) if progress else names):
         file = os.path.join(path, name)
         with open(file, "rb") as f:
             data = f.read()
-        records, _, damage = _scan(codec, file, data, newest=i == len(names) - 1)
+        records, good, damage = _scan(meta.codec, file, data, newest=i == len(names) - 1)
         report.records += records
         report.bytes += len(data)
         report.damage += damage
+        if fix and damage:
+            report.quarantined += _quarantine(path, name, data, damage)
+            write_atomically(file, b"".join(data[a:b] for a, b in good))
     return report
 
 
-def repair(path: str | os.PathLike[str]) -> Report:
+def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) -> Report:
+    """Check every record; the report says what is damaged. Changes nothing.
+    ``progress`` wraps the list of segment names (for a progress bar)."""
+    path = os.fspath(path)
+    return _examine(path, _meta(path), False, progress)
+
+
+def repair(path: str | os.PathLike[str], *, progress: Progress | None = None) -> Report:
     """Salvage every valid record; move damaged bytes aside into ``.mpkv/quarantine/``."""
     path = os.fspath(path)
-    codec, _ = _check(path)
+    meta = _meta(path)
     lock = WriterLock(os.path.join(path, AUX, LOCK), None)
     lock.acquire()
     try:
-        names = list_segments(path)
-        report = Report(segments=len(names))
-        for i, name in enumerate(names):
-            file = os.path.join(path, name)
-            with open(file, "rb") as f:
-                data = f.read()
-            records, good, damage = _scan(codec, file, data, newest=i == len(names) - 1)
-            report.records += records
-            report.bytes += len(data)
-            report.damage += damage
-            if damage:
-                report.quarantined += _quarantine(path, name, data, damage)
-                write_atomically(file, b"".join(data[a:b] for a, b in good))
-        return report
+        return _examine(path, meta, True, progress)
     finally:
         lock.release()
         lock.close()
