@@ -700,8 +700,8 @@ class Store(MutableMapping[str, Value]):
         self._close_files()
 
     def _close_files(self) -> None:
-        if self._registered is not None:
-            unregister_reader(self.path, self._token)
+        if self._registered is not None and self._token.startswith(f"{os.getpid()}-"):
+            unregister_reader(self.path, self._token)  # (a forked child leaves it alone)
         self._cursor.close()
         if self._dirlock is not None:
             os.close(self._dirlock)
