@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, ItemsView, Iterator, KeysView, MutableMapping, ValuesView
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import filelock
 
@@ -53,6 +53,7 @@ from .shm import SEQ, SharedState
 COMPACT_LOCK = "compact.lock"
 AUTO_COMPACT_MIN_BYTES = 4 << 20  # no auto-compaction below this much sealed data...
 AUTO_COMPACT_GARBAGE = 0.5  # ... or while dead records are less than this fraction
+T = TypeVar("T")
 FSYNC_MODES = ("always", "periodic", "never")
 _MISSING: Any = object()
 
@@ -337,17 +338,21 @@ class Store(MutableMapping[str, Value]):
         return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        return len(self._copy())
+        return self._consistent(len)
 
     def _copy(self) -> dict[str, Value]:
         """A point-in-time copy of the view: iteration never tears or raises."""
+        return self._consistent(dict)
+
+    def _consistent(self, read: Callable[[dict[str, Value]], T]) -> T:
+        """``read(view)`` on a fresh enough view that no batch is half applied to."""
         self._fresh()
         version = self._version
-        copy = dict(self._view)
+        result = read(self._view)
         if version == self._version and not version & 1:
-            return copy
+            return result
         with self._tail_mutex:
-            return dict(self._view)
+            return read(self._view)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._copy())
