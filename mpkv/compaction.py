@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
+from collections.abc import Iterable
 
 from .codec import Codec, Value, apply
 from .errors import CorruptionError, Error
@@ -29,7 +30,7 @@ from .snapshot import write_atomically
 TMP_PREFIX = "compact-"
 
 
-def replay(path: str, codec: Codec, names: list[str]) -> dict[str, Value]:
+def replay(path: str, codec: Codec, names: Iterable[str]) -> dict[str, Value]:
     """The state sealed segments ``names`` add up to; they must be whole and valid."""
     state: dict[str, Value] = {}
     for name in names:

@@ -14,7 +14,15 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Callable, ItemsView, Iterator, KeysView, MutableMapping, ValuesView
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    MutableMapping,
+    ValuesView,
+)
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -585,15 +593,18 @@ class Store(MutableMapping[str, Value]):
                 if self._view.get(key, _MISSING) != value:
                     tx.put(key, value)
 
-    def compact(self) -> dict[str, int]:
+    def compact(self, *, progress: Callable[[list[str]], Iterable[str]] | None = None
+                ) -> dict[str, int]:
         """Rewrite sealed segments keeping only live data, while others read and write.
 
         Writers wait only while the active segment is sealed and while the outputs are
-        renamed into place; the rewriting itself runs without the writer lock."""
+        renamed into place; the rewriting itself runs without the writer lock.
+        ``progress`` wraps the list of segments being read (for a progress bar)."""
         self._writable()
-        return self._compact(True)
+        return self._compact(True, progress)
 
-    def _compact(self, wait: bool) -> dict[str, int]:
+    def _compact(self, wait: bool, progress: Callable[[list[str]], Iterable[str]] | None = None
+                 ) -> dict[str, int]:
         """``wait=False`` (auto-compaction): give up at once if another one runs."""
         try:
             lock = filelock.FileLock(os.path.join(self.path, AUX, COMPACT_LOCK),
@@ -620,7 +631,8 @@ class Store(MutableMapping[str, Value]):
             if not sealed:
                 return {"segments_before": 0, "segments_after": 0, "bytes_before": 0,
                         "bytes_after": 0}
-            state = compaction.replay(self.path, self._codec, sealed)
+            state = compaction.replay(self.path, self._codec,
+                                      progress(sealed) if progress else sealed)
             outputs = compaction.write_outputs(self.path, self._codec, state,
                                                self.max_segment_bytes)
             after = sum(os.path.getsize(o) for o in outputs)
