@@ -12,12 +12,15 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import recovery
 from .codec import Value
 from .errors import Error
 from .store import Store
+
+if TYPE_CHECKING:
+    from .redis_store import RedisStore
 
 T = TypeVar("T")
 LOAD_CHUNK = 1000  # JSON lines per transaction in ``load``
@@ -54,8 +57,28 @@ def _from_json(line: str, number: int) -> tuple[str, Value]:
                          ) from None
 
 
-def _open(args: argparse.Namespace, **options: Any) -> Store:
-    return Store(args.path, **options)
+def _is_redis(args: argparse.Namespace) -> bool:
+    """PATH is a Redis URL (checked without importing redis)."""
+    return str(args.path).startswith(("redis://", "rediss://"))
+
+
+def _open(args: argparse.Namespace, **options: Any) -> Store | RedisStore:
+    """The store PATH names: a directory, or a namespace on a Redis server."""
+    if not _is_redis(args):
+        return Store(args.path, **options)
+    try:
+        from .redis_store import RedisStore
+    except ImportError as exc:
+        raise Error(str(exc)) from None
+    return RedisStore(args.path, **options)
+
+
+def _not_for_redis(args: argparse.Namespace, why: str) -> bool:
+    """Maintenance of the files has no Redis counterpart: say so (the caller exits 1)."""
+    if not _is_redis(args):
+        return False
+    print(f"mpkv {args.command}: does not apply to redis ({why})", file=sys.stderr)
+    return True
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -126,8 +149,11 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    if _not_for_redis(args, "segments and records are files; see INFO and MEMORY USAGE "
+                      "in redis-cli"):
+        return 1
     report = recovery.verify(args.path)
-    with _open(args, readonly=True) as store:
+    with Store(args.path, readonly=True) as store:
         live = store.items()
         limit = store.max_segment_bytes
         live_bytes = sum(len(r) for k, v in live for r, _ in store._codec.encode([(k, v)], limit))
@@ -149,6 +175,8 @@ def _segments_bar(names: list[str]) -> Iterable[str]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if _not_for_redis(args, "the server checks its own files: redis-check-aof"):
+        return 1
     report = recovery.verify(args.path, progress=_segments_bar)
     print(report.summary())
     print("OK" if report.ok else "DAMAGED: run `mpkv repair PATH`")
@@ -156,6 +184,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
+    if _not_for_redis(args, "the server repairs its own files: redis-check-aof --fix"):
+        return 1
     report = recovery.repair(args.path, progress=_segments_bar)
     print(report.summary())
     print("nothing to repair" if not report.damage else
@@ -165,8 +195,11 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    with _open(args) as store:
-        result = store.compact()
+    if _not_for_redis(args, "the server reclaims memory itself and rewrites its AOF "
+                      "with BGREWRITEAOF"):
+        return 1
+    with Store(args.path) as store:
+        result = store.compact(progress=_segments_bar)
     print(f"compacted {result['segments_before']} segments ({result['bytes_before']} bytes) "
           f"into {result['segments_after']} ({result['bytes_after']} bytes)")
     return 0
@@ -208,7 +241,8 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="mpkv", description="A key-value store many processes share through one "
-        "directory. The store directory comes first; it is created by writes when missing.")
+        "directory. The store directory comes first; it is created by writes when missing. "
+        "A redis://host:port/db?namespace=NAME URL in its place uses a Redis server.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=_Parser)
 
