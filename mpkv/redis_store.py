@@ -54,7 +54,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from . import snapshot
 from .codec import Op, Value
 from .errors import ClosedError, Error, FormatError, LockTimeout, ReadOnlyError
-from .store import _check_options, _fork_epoch
+from .store import TransactionMapping, _check_options, _fork_epoch
 
 SCHEMES = ("redis://", "rediss://", "unix://")
 DEFAULT_NAMESPACE = "default"
@@ -820,7 +820,7 @@ def _reopen(url: str, options: dict[str, Any]) -> RedisStore:
     return RedisStore(url, **options)
 
 
-class RedisTransaction:
+class RedisTransaction(TransactionMapping):
     """The view of one ``transaction()`` block: the server's committed state (nobody
     else can commit while the lock is held) plus the block's own buffered writes."""
 
@@ -853,20 +853,3 @@ class RedisTransaction:
         existed = self.get(key, _MISSING) is not _MISSING
         self._stage(key, None, b"")
         return existed
-
-    def __getitem__(self, key: str) -> Value:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
-            raise KeyError(key)
-        return value  # type: ignore[no-any-return]
-
-    def __setitem__(self, key: str, value: Value) -> None:
-        self.put(key, value)
-
-    def __delitem__(self, key: str) -> None:
-        if key not in self:
-            raise KeyError(key)
-        self._stage(key, None, b"")
-
-    def __contains__(self, key: object) -> bool:
-        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]

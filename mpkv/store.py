@@ -760,7 +760,38 @@ def _reopen(path: str, options: dict[str, Any]) -> Store:
     return Store(path, **options)
 
 
-class Transaction:
+class TransactionMapping:
+    """``tx[k]``, ``tx[k] = v``, ``del tx[k]`` and ``k in tx`` for any transaction
+    object with ``get``, ``put`` and ``delete`` (both backends share it)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raise NotImplementedError
+
+    def put(self, key: str, value: Value) -> None:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Value:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value  # type: ignore[no-any-return]
+
+    def __setitem__(self, key: str, value: Value) -> None:
+        self.put(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.delete(key)
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
+
+
+class Transaction(TransactionMapping):
     """The view of one ``transaction()`` block: the latest committed state plus the
     block's own writes, which reach the log only when the block exits normally."""
 
@@ -786,20 +817,3 @@ class Transaction:
         self._ops.append((key, None))
         self._writes[key] = None
         return existed
-
-    def __getitem__(self, key: str) -> Value:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
-            raise KeyError(key)
-        return value  # type: ignore[no-any-return]
-
-    def __setitem__(self, key: str, value: Value) -> None:
-        self.put(key, value)
-
-    def __delitem__(self, key: str) -> None:
-        if key not in self:
-            raise KeyError(key)
-        self.delete(key)
-
-    def __contains__(self, key: object) -> bool:
-        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
