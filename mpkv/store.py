@@ -161,6 +161,7 @@ class Store(MutableMapping[str, Value]):
         self._appended = 0  # records this process appended ...
         self._synced = 0  # ... and how many of them are known to be on disk
         self._sync_fd = -1
+        self._sync_number = -1  # the segment _sync_fd is open on
         self._last_refresh = 0.0
         self._stop_syncer = threading.Event()
         self._syncer: threading.Thread | None = None
@@ -379,7 +380,7 @@ class Store(MutableMapping[str, Value]):
     def put(self, key: str, value: Value) -> None:
         self._writable()
         self._codec.check(key, value)
-        self._commit([(key, value)])
+        self._commit([(key, value)], behind_ok=True)
 
     def __setitem__(self, key: str, value: Value) -> None:
         self.put(key, value)
@@ -397,25 +398,59 @@ class Store(MutableMapping[str, Value]):
             raise KeyError(key)
 
     def _commit(self, ops: list[Op], existed: str | None = None,
-                only_if_exists: bool = False) -> bool:
+                only_if_exists: bool = False, behind_ok: bool = False) -> bool:
         """Append ``ops`` as one atomic unit under the writer lock; with ``existed``,
         return whether that key was live just before (checked under the lock)."""
         records = self._encode(ops)
         wlock = self._wlock
         assert wlock is not None
+        behind = was = False
         with self._write_mutex:
             wlock.acquire()
             try:
                 with self._tail_mutex:
-                    self._sync_with_log()
-                    was = existed is not None and existed in self._view
-                    if only_if_exists and not was:
-                        return False
-                    self._append(records, ops)
+                    behind = behind_ok and self._append_behind(records)
+                    if not behind:
+                        self._sync_with_log()
+                        was = existed is not None and existed in self._view
+                        if only_if_exists and not was:
+                            return False
+                        self._append(records, ops)
             finally:
                 wlock.release()
+            if behind:  # now read what others appended, and ours, in log order
+                with self._tail_mutex:
+                    self._catch_up(self._reader_limit())
         self._after_write()
         return was
+
+    def _append_behind(self, records: list[tuple[bytes, int]]) -> bool:
+        """A put while other processes have written since this one last looked: append
+        at the published end of the log without first reading their records, so that
+        the writer lock is held only for the write; the caller reads them (and this
+        record) after releasing it. Both locks held. False (nothing done) unless the
+        shared state is trusted and the record goes into the cursor's own segment
+        without rotating: every other case takes the ordinary path."""
+        shm, cursor = self._shm, self._cursor
+        if (len(records) != 1 or self.format != "binary" or not self._verified
+                or not shm.writer_may_trust() or shm.seq == self._seen_seq):
+            return False
+        snap = shm.snapshot()
+        if snap is None:
+            return False
+        _, segment, end = snap
+        data, units = records[0]
+        if (cursor.name is None or cursor.part or segment != cursor.number
+                or end < cursor.offset or end + units > self.max_segment_bytes):
+            return False
+        shm.begin()
+        self._sync_follows_cursor()
+        written = os.pwrite(cursor.fd, data, end)
+        while written < len(data):  # a short write: rare, but legal
+            written += os.pwrite(cursor.fd, data[written:], end + written)
+        self._appended += 1
+        shm.publish(segment, end + len(data))  # our view has not caught up: seen_seq stays
+        return True
 
     def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
         records = self._codec.encode(ops, self.max_segment_bytes)
@@ -468,6 +503,7 @@ class Store(MutableMapping[str, Value]):
         """Write records at the cursor, rotating as needed, then publish. Both locks held."""
         cursor = self._cursor
         self._shm.begin()
+        self._sync_follows_cursor()
         intent = len(records) > 1 and self.format == "text"
         if intent:
             write_intent(self.path, cursor.number, cursor.offset, self.fsync == "always")
@@ -496,9 +532,18 @@ class Store(MutableMapping[str, Value]):
         with self._sync_mutex:
             self._cursor.rotate()  # fsyncs the sealed segment
             self._synced = self._appended
-            if self._sync_fd >= 0:
-                os.close(self._sync_fd)
-            self._sync_fd = os.dup(self._cursor.fd)
+        self._sync_follows_cursor()
+
+    def _sync_follows_cursor(self) -> None:
+        """Point the fsync descriptor at the segment about to be written: after another
+        process rotated, that is a segment this process never created. (The segment
+        left behind was fsynced by whoever sealed it: fsync covers the whole file.)"""
+        if self._sync_number != self._cursor.number and self._cursor.fd >= 0:
+            with self._sync_mutex:
+                if self._sync_fd >= 0:
+                    os.close(self._sync_fd)
+                self._sync_fd = os.dup(self._cursor.fd)
+                self._sync_number = self._cursor.number
 
     def _after_write(self) -> None:
         """Durability per the fsync mode, outside the writer lock so that writers of all
