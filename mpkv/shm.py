@@ -37,6 +37,9 @@ class SharedState:
     def __init__(self, path: str, writable: bool) -> None:
         self.path = path
         self._mm: mmap.mmap | None = None
+        #: False when there is no file to map (a readonly open of a store whose shared
+        #: state is missing): then nothing signals changes and readers must look.
+        self.backed = False
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY, 0o644)
         except FileNotFoundError:
@@ -54,6 +57,7 @@ class SharedState:
             os.close(fd)
         #: the slots as unsigned 64-bit integers; ``slots[SEQ]`` is the fast-path read
         self.slots = memoryview(self._mm).cast("Q")
+        self.backed = True
 
     @property
     def seq(self) -> int:

@@ -105,7 +105,6 @@ class Store(MutableMapping[str, Value]):
         self.fsync = fsync or "periodic"
         self.fsync_interval = float(fsync_interval)
         self.max_staleness = max_staleness
-        self._lazy = max_staleness != 0  # reads must check the clock, not just the counter
         self.readonly = bool(readonly)
         self.lock_timeout = lock_timeout
         self.auto_compact = bool(auto_compact)
@@ -175,6 +174,9 @@ class Store(MutableMapping[str, Value]):
             self._close_files()
             raise
         self._q = self._shm.slots
+        # Reads must do more than compare the counter: check the clock, or (no shared
+        # state to watch) read the log.
+        self._lazy = self.max_staleness != 0 or not self._shm.backed
         self._epoch = _fork_epoch[0]
 
     def _open_dirlock(self) -> int | None:
@@ -305,7 +307,7 @@ class Store(MutableMapping[str, Value]):
         if self.max_staleness is None:
             return
         if self.max_staleness == 0:
-            if self._shm.seq == self._seen_seq:
+            if self._shm.seq == self._seen_seq and self._shm.backed:
                 return
         elif time.monotonic() - self._last_refresh < self.max_staleness:
             return
