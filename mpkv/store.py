@@ -380,7 +380,8 @@ class Store(MutableMapping[str, Value]):
     # --- writes --------------------------------------------------------------------
 
     def put(self, key: str, value: Value) -> None:
-        self._writable()
+        if self._epoch != _fork_epoch[0] or self.readonly:
+            self._writable()
         self._codec.check(key, value)
         self._commit([(key, value)], behind_ok=True)
 
@@ -434,8 +435,8 @@ class Store(MutableMapping[str, Value]):
         shared state is trusted and the record goes into the cursor's own segment
         without rotating: every other case takes the ordinary path."""
         shm, cursor = self._shm, self._cursor
-        if (len(records) != 1 or self.format != "binary" or not self._verified
-                or not shm.writer_may_trust() or shm.seq == self._seen_seq):
+        if (shm.seq == self._seen_seq or len(records) != 1 or self.format != "binary"
+                or not self._verified or not shm.writer_may_trust()):
             return False
         snap = shm.snapshot()
         if snap is None:
@@ -506,7 +507,23 @@ class Store(MutableMapping[str, Value]):
         cursor = self._cursor
         self._shm.begin()
         self._sync_follows_cursor()
-        intent = len(records) > 1 and self.format == "text"
+        if len(records) == 1:  # the common case, kept short
+            data, units = records[0]
+            if cursor.name is None or (
+                    cursor.units and cursor.units + units > self.max_segment_bytes):
+                self._rotate()
+            cursor.append(data, units)
+        else:
+            self._append_records(records)
+        self._appended += 1
+        self._apply([ops])
+        self._seen_seq = self._shm.publish(cursor.number, cursor.offset)
+
+    def _append_records(self, records: list[tuple[bytes, int]]) -> None:
+        """Several records (a text commit, or a unit chained over segments): one write
+        per segment; a text commit is bracketed by the intent file."""
+        cursor = self._cursor
+        intent = self.format == "text"
         if intent:
             write_intent(self.path, cursor.number, cursor.offset, self.fsync == "always")
         pending: list[bytes] = []  # records bound for the current segment: one write
@@ -520,14 +537,11 @@ class Store(MutableMapping[str, Value]):
                 used = 0
             pending.append(data)
             used += units
-        cursor.append(pending[0] if len(pending) == 1 else b"".join(pending), used - cursor.units)
+        cursor.append(b"".join(pending), used - cursor.units)
         if intent:
             if self.fsync == "always":
                 self._sync_now()
             clear_intent(self.path)
-        self._appended += 1
-        self._apply([ops])
-        self._seen_seq = self._shm.publish(cursor.number, cursor.offset)
 
     def _rotate(self) -> None:
         self._sealed_bytes += self._cursor.offset
