@@ -31,12 +31,8 @@ import time
 import uuid
 from collections.abc import (
     Callable,
-    ItemsView,
     Iterable,
     Iterator,
-    KeysView,
-    MutableMapping,
-    ValuesView,
 )
 from contextlib import contextmanager
 from typing import Any
@@ -54,14 +50,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from . import snapshot
 from .codec import Op, Value
 from .errors import ClosedError, Error, FormatError, LockTimeout, ReadOnlyError
-from .store import TransactionMapping, _check_options, _fork_epoch
+from .mapping import MISSING, StoreMapping, TransactionMapping
+from .store import _check_options, _fork_epoch
 
 SCHEMES = ("redis://", "rediss://", "unix://")
 DEFAULT_NAMESPACE = "default"
 DEFAULT_LOCK_TTL = 5.0
 DEFAULT_STREAM_MAXLEN = 100_000
 _MAX_SUB = 2**64 - 1  # the largest stream id sequence part: "after all of commit N"
-_MISSING: Any = object()
 
 # KEYS: data, log, seq, lock. ARGV: token, mode, maxlen, then key/value pairs (value ""
 # deletes). Modes: "p" plain write; "x" delete only if the key exists; "t" commit of a
@@ -227,7 +223,7 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, ""))
 
 
-class RedisStore(MutableMapping[str, Value]):
+class RedisStore(StoreMapping):
     """The mpkv Store API on one namespace of a Redis server, shared by every process
     (on any machine) that opens the same URL."""
 
@@ -444,15 +440,6 @@ class RedisStore(MutableMapping[str, Value]):
         raw = self._hget(key)
         return default if raw is None else _dec_value(raw)
 
-    def __getitem__(self, key: str) -> Value:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
-            raise KeyError(key)
-        return value  # type: ignore[no-any-return]
-
-    def __contains__(self, key: object) -> bool:
-        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
-
     def __len__(self) -> int:
         self._check()
         if self._view is not None:
@@ -468,18 +455,6 @@ class RedisStore(MutableMapping[str, Value]):
             with self._view_mutex:
                 return dict(self._view)
         return self._server_items()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._copy())
-
-    def keys(self) -> KeysView[str]:
-        return self._copy().keys()
-
-    def values(self) -> ValuesView[Value]:
-        return self._copy().values()
-
-    def items(self) -> ItemsView[str, Value]:
-        return self._copy().items()
 
     # --- freshness: max_staleness and refresh ---------------------------------------
 
@@ -729,7 +704,7 @@ class RedisStore(MutableMapping[str, Value]):
                 if key not in items:
                     tx._stage(key, None, b"")  # no round trip to ask if it exists
             for key, value in items.items():
-                if current.get(key, _MISSING) != value:
+                if current.get(key, MISSING) != value:
                     tx.put(key, value)
 
     def compact(self, *, progress: Callable[[list[str]], Iterable[str]] | None = None
@@ -791,24 +766,6 @@ class RedisStore(MutableMapping[str, Value]):
         self._client.close()
         self._client.connection_pool.disconnect()
 
-    @property
-    def closed(self) -> bool:
-        return self._epoch == -1
-
-    def __enter__(self) -> RedisStore:
-        self._check()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            if getattr(self, "_epoch", -1) != -1:
-                self.close()
-        except Exception:
-            pass
-
     def __reduce__(self) -> tuple[Callable[..., RedisStore], tuple[str, dict[str, Any]]]:
         return _reopen, (self.url, self._options)
 
@@ -850,6 +807,6 @@ class RedisTransaction(TransactionMapping):
 
     def delete(self, key: str) -> bool:
         _enc_key(key)
-        existed = self.get(key, _MISSING) is not _MISSING
+        existed = self.get(key, MISSING) is not MISSING
         self._stage(key, None, b"")
         return existed

@@ -16,12 +16,8 @@ import threading
 import time
 from collections.abc import (
     Callable,
-    ItemsView,
     Iterable,
     Iterator,
-    KeysView,
-    MutableMapping,
-    ValuesView,
 )
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -32,6 +28,7 @@ from . import compaction, snapshot
 from .codec import Batch, Op, Value, apply, ops_of
 from .errors import ClosedError, Error, FormatError, ReadOnlyError
 from .locks import WriterLock
+from .mapping import MISSING, StoreMapping, TransactionMapping
 from .segments import (
     AUX,
     DEFAULT_MAX_SEGMENT_BYTES,
@@ -63,7 +60,6 @@ AUTO_COMPACT_MIN_BYTES = 4 << 20  # no auto-compaction below this much sealed da
 AUTO_COMPACT_GARBAGE = 0.5  # ... or while dead records are less than this fraction
 T = TypeVar("T")
 FSYNC_MODES = ("always", "periodic", "never")
-_MISSING: Any = object()
 
 # Bumped in a child after fork(); a store opened under an older value reopens itself.
 _fork_epoch = [1]
@@ -91,7 +87,7 @@ def _check_options(max_segment_bytes: int | None, format: str | None, fsync: str
         raise ValueError(f"lock_timeout must be None or >= 0, not {lock_timeout!r}")
 
 
-class Store(MutableMapping[str, Value]):
+class Store(StoreMapping):
     """A persistent str -> str/bytes mapping shared by every process that opens ``path``."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_segment_bytes: int | None = None,
@@ -274,7 +270,7 @@ class Store(MutableMapping[str, Value]):
             for batch in batches:
                 apply(view, batch)
             old = self._view
-            changes: list[Op] = [(k, v) for k, v in view.items() if old.get(k, _MISSING) != v]
+            changes: list[Op] = [(k, v) for k, v in view.items() if old.get(k, MISSING) != v]
             changes += [(k, None) for k in old if k not in view]
             self._view = view  # one reference store: readers see the old or the new view
             self._notify(changes)
@@ -339,15 +335,6 @@ class Store(MutableMapping[str, Value]):
         with self._tail_mutex:
             return self._view.get(key, default)
 
-    def __getitem__(self, key: str) -> Value:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
-            raise KeyError(key)
-        return value  # type: ignore[no-any-return]
-
-    def __contains__(self, key: object) -> bool:
-        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
-
     def __len__(self) -> int:
         return self._consistent(len)
 
@@ -364,18 +351,6 @@ class Store(MutableMapping[str, Value]):
             return result
         with self._tail_mutex:
             return read(self._view)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._copy())
-
-    def keys(self) -> KeysView[str]:
-        return self._copy().keys()
-
-    def values(self) -> ValuesView[Value]:
-        return self._copy().values()
-
-    def items(self) -> ItemsView[str, Value]:
-        return self._copy().items()
 
     # --- writes --------------------------------------------------------------------
 
@@ -651,7 +626,7 @@ class Store(MutableMapping[str, Value]):
                 if key not in items:
                     tx.delete(key)
             for key, value in items.items():
-                if self._view.get(key, _MISSING) != value:
+                if self._view.get(key, MISSING) != value:
                     tx.put(key, value)
 
     def compact(self, *, progress: Callable[[list[str]], Iterable[str]] | None = None
@@ -791,24 +766,6 @@ class Store(MutableMapping[str, Value]):
             os.close(self._sync_fd)
             self._sync_fd = -1
 
-    @property
-    def closed(self) -> bool:
-        return self._epoch == -1
-
-    def __enter__(self) -> Store:
-        self._check()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            if getattr(self, "_epoch", -1) not in (-1, 0):
-                self.close()
-        except Exception:
-            pass
-
     def __reduce__(self) -> tuple[Callable[..., Store], tuple[str, dict[str, Any]]]:
         return _reopen, (self.path, self._options)
 
@@ -819,37 +776,6 @@ class Store(MutableMapping[str, Value]):
 
 def _reopen(path: str, options: dict[str, Any]) -> Store:
     return Store(path, **options)
-
-
-class TransactionMapping:
-    """``tx[k]``, ``tx[k] = v``, ``del tx[k]`` and ``k in tx`` for any transaction
-    object with ``get``, ``put`` and ``delete`` (both backends share it)."""
-
-    def get(self, key: str, default: Any = None) -> Any:
-        raise NotImplementedError
-
-    def put(self, key: str, value: Value) -> None:
-        raise NotImplementedError
-
-    def delete(self, key: str) -> bool:
-        raise NotImplementedError
-
-    def __getitem__(self, key: str) -> Value:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
-            raise KeyError(key)
-        return value  # type: ignore[no-any-return]
-
-    def __setitem__(self, key: str, value: Value) -> None:
-        self.put(key, value)
-
-    def __delitem__(self, key: str) -> None:
-        if key not in self:
-            raise KeyError(key)
-        self.delete(key)
-
-    def __contains__(self, key: object) -> bool:
-        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
 
 
 class Transaction(TransactionMapping):
@@ -874,7 +800,7 @@ class Transaction(TransactionMapping):
 
     def delete(self, key: str) -> bool:
         self._store._codec.check(key, None, delete=True)
-        existed = self.get(key, _MISSING) is not _MISSING
+        existed = self.get(key, MISSING) is not MISSING
         self._ops.append((key, None))
         self._writes[key] = None
         return existed
