@@ -691,13 +691,7 @@ class RedisStore(StoreMapping):
         """Replace the whole contents with the file's state: one transaction, so every
         client sees all old or all new."""
         self._writable()
-        file = os.fspath(file_path)
-        try:
-            with open(file, "rb") as f:
-                data = f.read()
-        except IsADirectoryError:
-            raise FormatError(f"{file}: a directory, not a snapshot file") from None
-        items = snapshot.decode(data, file)
+        items = snapshot.read(os.fspath(file_path))
         with self.transaction() as tx:
             current = self._server_items()
             for key in current:

@@ -61,6 +61,16 @@ def decode(data: bytes, file: str) -> dict[str, Value]:
     return out
 
 
+def read(file: str) -> dict[str, Value]:
+    """The state a snapshot file holds (FormatError/CorruptionError when it is not one)."""
+    try:
+        with open(file, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise FormatError(f"{file}: a directory, not a snapshot file") from None
+    return decode(data, file)
+
+
 def write_atomically(file: str, data: bytes) -> None:
     """Temporary file in the same directory, fsync, rename over, fsync the directory:
     a reader of ``file`` sees the old file or the whole new one, even after a crash."""

@@ -612,13 +612,7 @@ class Store(StoreMapping):
     def deserialize(self, file_path: str | os.PathLike[str]) -> None:
         """Replace the whole contents with the file's state, as one transaction."""
         self._writable()
-        file = os.fspath(file_path)
-        try:
-            with open(file, "rb") as f:
-                data = f.read()
-        except IsADirectoryError:
-            raise FormatError(f"{file}: a directory, not a snapshot file") from None
-        items = snapshot.decode(data, file)
+        items = snapshot.read(os.fspath(file_path))
         for key, value in items.items():
             self._codec.check(key, value)
         with self.transaction() as tx:
