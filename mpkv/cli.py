@@ -512,10 +512,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--prefix", default="", help="only keys starting with P")
     c.add_argument("--timeout", type=float, default=None, help="stop after T idle seconds")
     c = add("demo", "worker processes count words into a store they share; result checked",
-            cmd_demo, "mpkv demo /tmp/demo && mpkv stats /tmp/demo/store")
+            cmd_demo, "mpkv demo /tmp/demo && mpkv stats /tmp/demo/run-1")
     c.add_argument("dir", nargs="?", default=None,
-                   help="an empty or missing directory to work in; the demo creates its "
-                   "store in DIR/store (default: a temporary directory)")
+                   help="an empty or missing directory to work in; each run creates a "
+                   "new store in DIR/run-N (default: a new temporary directory)")
     # Listed for --help; main() hands their arguments to them directly.
     sub.add_parser("bench", help="benchmarks against peers (see `mpkv bench --help`)")
     sub.add_parser("stress", help="stress test with a history checker (`mpkv stress --help`)")

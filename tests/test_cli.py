@@ -418,17 +418,51 @@ def test_watch_prefix_and_timeout(store: Path) -> None:
 # --- demo ---------------------------------------------------------------------------
 
 
-def test_demo_with_dir(tmp_path: Path) -> None:
-    r = ok("demo", tmp_path / "demo-store", timeout=120)
-    assert "VERIFIED" in r.stdout
-    assert (tmp_path / "demo-store").is_dir()
-    with mpkv.Store(tmp_path / "demo-store") as s:
-        assert len(s) > 0
+def demo_store(stdout: str) -> Path:
+    """The store a demo run says it used."""
+    m = re.search(r"into the store (\S+)", stdout)
+    assert m, stdout
+    return Path(m.group(1))
 
 
-def test_demo_without_dir() -> None:
-    r = ok("demo", timeout=120)
-    assert "VERIFIED" in r.stdout
+def test_demo_twice_on_the_same_dir_is_verified_each_time(tmp_path: Path) -> None:
+    stores = []
+    for _ in range(2):
+        r = ok("demo", tmp_path / "demo", timeout=180)
+        assert "result VERIFIED" in r.stdout, r.stdout
+        stores.append(demo_store(r.stdout))
+        assert f"mpkv stats {stores[-1]}" in r.stdout  # where to look afterwards
+    assert stores[0] != stores[1] and stores[0].parent == stores[1].parent == tmp_path / "demo"
+    counts = []
+    for path in stores:
+        with mpkv.Store(path, readonly=True) as s:
+            counts.append({k: v for k, v in s.items() if k.startswith("count:")})
+    assert counts[0] == counts[1]
+    # real words, not generated tokens
+    assert int(counts[0]["count:the"]) > 100 and "count:python" in counts[0]
+    assert not any(re.fullmatch(r"count:w\d+", k) for k in counts[0])
+
+
+def test_demo_never_writes_into_a_store_it_did_not_create(tmp_path: Path) -> None:
+    store = tmp_path / "mine"
+    ok("put", store, "precious", "data")
+    before = {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()}
+    r = fails(1, "demo", store)
+    assert str(store) in r.stderr
+    assert {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()} == before
+    with mpkv.Store(store, readonly=True) as s:
+        assert dict(s.items()) == {"precious": "data"}
+    (tmp_path / "file").write_text("x")
+    fails(1, "demo", tmp_path / "file")
+
+
+def test_demo_without_dir_uses_a_new_temporary_directory(tmp_path: Path) -> None:
+    r = subprocess.run([*PY, "demo"], capture_output=True, text=True, timeout=180,
+                       env={**ENV, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 0 and "result VERIFIED" in r.stdout, (r.stdout, r.stderr)
+    path = demo_store(r.stdout)
+    assert path.parent.parent == tmp_path and path.parent.name.startswith("mpkv-demo-")
+    ok("verify", path)
 
 
 # --- failures: exit codes, one line, never a traceback --------------------------------
