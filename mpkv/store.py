@@ -665,7 +665,7 @@ class Store(StoreMapping):
                                       progress(sealed) if progress else sealed)
             outputs = compaction.write_outputs(self.path, self._codec, state,
                                                self.max_segment_bytes)
-            after = sum(os.path.getsize(o) for o in outputs)
+            after = sum(o.size for o in outputs)
             number = parse_name(sealed[-1])[0]  # type: ignore[index]
             with self._write_mutex:
                 self._lock()
