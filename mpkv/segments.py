@@ -347,8 +347,9 @@ def clear_intent(path: str) -> None:
 
 
 def truncate_log(path: str, number: int, offset: int) -> None:
-    """Cut the log at ``offset`` of segment ``number``: later segments are deleted."""
-    for name in list_segments(path):
+    """Cut the log at ``offset`` of segment ``number``: later segments are deleted, the
+    newest first, so that a reader listing meanwhile never sees a gap."""
+    for name in reversed(list_segments(path)):
         major = parse_name(name)[0]  # type: ignore[index]
         if major > number:
             os.unlink(os.path.join(path, name))
@@ -555,7 +556,7 @@ class Cursor:
         """Cut a torn tail so the next record starts on a clean boundary: the rest of
         this segment and any later segment (holding the rest of an unfinished unit)."""
         later = [n for n in list_segments(self.path) if self.name and n > self.name]
-        for name in later:
+        for name in reversed(later):  # newest first: a reader listing never sees a gap
             os.unlink(os.path.join(self.path, name))
         if later:
             fsync_dir(self.path)
