@@ -17,20 +17,19 @@ from typing import NamedTuple
 
 from .codec import Codec, Value, apply
 from .errors import CorruptionError, Error
+from .files import create_temp, fsync_dir, make_dir, open_dir, open_regular, write_atomically
 from .segments import (
     AUX,
     RETAINED,
     SWITCH,
     Switch,
     check_switch,
-    fsync_dir,
     list_segments,
     log_of,
     parse_name,
     read_switch,
     segment_name,
 )
-from .snapshot import write_atomically
 
 TMP_PREFIX = "compact-"
 
@@ -40,7 +39,7 @@ def replay(path: str, codec: Codec, names: Iterable[str]) -> dict[str, Value]:
     state: dict[str, Value] = {}
     for name in names:
         file = os.path.join(path, name)
-        with open(file, "rb") as f:
+        with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
             data = f.read()
         dec = codec.decode(data)
         if dec.problem:
@@ -66,29 +65,35 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
     aux = os.path.join(path, AUX)
     outputs: list[Output] = []
     f = None
+    tmp = ""
     used = size = crc = 0
+
+    def start() -> None:
+        nonlocal f, tmp, used, size, crc
+        fd, tmp = create_temp(aux, f"{TMP_PREFIX}{len(outputs)}-")
+        f = os.fdopen(fd, "wb")
+        used = size = crc = 0
 
     def seal() -> None:
         assert f is not None
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        outputs.append(Output(f.name, size, crc))
+        outputs.append(Output(tmp, size, crc))
 
     try:
         for data, units in codec.encode_state(list(state.items()), max_units):
             if f is None or used + units > max_units:
                 if f is not None:
                     seal()
-                name = os.path.join(aux, f"{TMP_PREFIX}{os.getpid()}-{len(outputs)}.tmp")
-                f = open(name, "wb")  # noqa: SIM115
-                used = size = crc = 0
+                start()
+            assert f is not None
             f.write(data)
             used += units
             size += len(data)
             crc = zlib.crc32(data, crc)
         if f is None:  # an empty state still gets a (empty) first part: the log's start
-            f = open(os.path.join(aux, f"{TMP_PREFIX}{os.getpid()}-0.tmp"), "wb")  # noqa: SIM115
+            start()
         seal()
     finally:
         if f is not None:
@@ -127,17 +132,30 @@ def switch(path: str, outputs: list[Output], number: int, inputs: list[str],
 
 
 def _retire(path: str, inputs: list[str], needed: int | None) -> None:
+    """Through a descriptor of ``.mpkv/retained``: a link put in its place cannot make
+    compaction delete or move files anywhere else."""
     kept = os.path.join(path, AUX, RETAINED)
-    old = list_segments(kept) if os.path.isdir(kept) else []
-    for name in old:  # what watchers no longer need
-        if needed is None or parse_name(name)[0] < needed:  # type: ignore[index]
-            os.unlink(os.path.join(kept, name))
-    for name in inputs:
-        if needed is not None and parse_name(name)[0] >= needed:  # type: ignore[index]
-            os.makedirs(kept, exist_ok=True)
-            os.rename(os.path.join(path, name), os.path.join(kept, name))
-        else:
-            os.unlink(os.path.join(path, name))
+    keep = [n for n in inputs
+            if needed is not None and parse_name(n)[0] >= needed]  # type: ignore[index]
+    if keep:
+        make_dir(kept)
+    try:
+        fd = open_dir(kept)
+    except FileNotFoundError:
+        fd = -1
+    try:
+        old = sorted(n for n in os.listdir(fd) if parse_name(n)) if fd >= 0 else []
+        for name in old:  # what watchers no longer need
+            if needed is None or parse_name(name)[0] < needed:  # type: ignore[index]
+                os.unlink(name, dir_fd=fd)
+        for name in inputs:
+            if name in keep:
+                os.rename(os.path.join(path, name), name, dst_dir_fd=fd)
+            else:
+                os.unlink(os.path.join(path, name))
+    finally:
+        if fd >= 0:
+            os.close(fd)
     fsync_dir(path)
 
 

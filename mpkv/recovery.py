@@ -14,18 +14,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import compaction
-from .codec import Codec
+from .codec import Codec, Puts
 from .errors import CorruptionError, FormatError
+from .files import fsync_dir, make_dir, open_regular, read_capped, save_new, write_atomically
 from .locks import WriterLock
 from .segments import (
     AUX,
     DIRLOCK,
     LOCK,
+    QUARANTINE,
     SWITCH,
+    SWITCH_MAX_BYTES,
     Meta,
     Switch,
+    check_store_dir,
     check_switch,
-    fsync_dir,
     gap_message,
     list_segments,
     log_gap,
@@ -35,9 +38,6 @@ from .segments import (
     read_switch,
     segment_name,
 )
-from .snapshot import write_atomically
-
-QUARANTINE = "quarantine"
 
 
 @dataclass
@@ -81,7 +81,8 @@ def _scan(codec: Codec, file: str, data: bytes, newest: bool
     while pos < len(data):
         rest = data[pos:]
         dec = codec.decode(rest)
-        records += len(dec.batches)
+        # a record is one put or delete (what a user wrote), however units pack them
+        records += sum(len(b.keys) if isinstance(b, Puts) else len(b) for b in dec.batches)
         if dec.stop:
             good.append((pos, pos + dec.stop))
         pos += dec.stop
@@ -97,7 +98,7 @@ def _scan(codec: Codec, file: str, data: bytes, newest: bool
 
 
 def _meta(path: str) -> Meta:
-    meta = read_meta(path) if os.path.isdir(path) else None
+    meta = read_meta(path) if os.path.isdir(path) and check_store_dir(path) else None
     if meta is None:
         raise FormatError(f"{path}: not an mpkv store")
     return meta
@@ -114,7 +115,7 @@ def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Rep
     report.segments = len(log)
     for i, name in enumerate(progress(log) if progress else log):
         file = os.path.join(path, name)
-        with open(file, "rb") as f:
+        with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
             data = f.read()
         records, good, damage = _scan(meta.codec, file, data, newest=i == len(log) - 1)
         report.records += records
@@ -142,17 +143,14 @@ def _check_marker(path: str, names: list[str], fix: bool, report: Report) -> Swi
             check_switch(path, switch)
         return switch
     except CorruptionError as exc:
-        size = os.path.getsize(marker)
-        report.damage.append(Damage(marker, 0, size, str(exc)))
+        data = read_capped(marker, SWITCH_MAX_BYTES) or b""
+        report.damage.append(Damage(marker, 0, len(data), str(exc)))
         if fix:
             folder = os.path.join(path, AUX, QUARANTINE)
-            os.makedirs(folder, exist_ok=True)
-            n = 0
-            while os.path.exists(target := os.path.join(folder, f"{SWITCH}.{n}.bad")):
-                n += 1
-            os.rename(marker, target)
+            make_dir(folder)
+            report.quarantined.append(save_new(folder, SWITCH, ".bad", data))
+            os.unlink(marker)
             fsync_dir(os.path.join(path, AUX))
-            report.quarantined.append(target)
         return None
 
 
@@ -169,7 +167,7 @@ def _bridge(path: str, meta: Meta, log: list[str], after: str) -> bool:
     inputs = log[: log.index(after)]
     state = compaction.replay(path, meta.codec, inputs)
     outputs = compaction.write_outputs(path, meta.codec, state, meta.max_segment_bytes)
-    fd = os.open(os.path.join(path, AUX, DIRLOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_regular(os.path.join(path, AUX, DIRLOCK), os.O_RDWR | os.O_CREAT)
     try:
         compaction.switch(path, outputs, bridge, inputs, None, fd)
     finally:
@@ -199,11 +197,7 @@ def repair(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
 
 def _quarantine(path: str, name: str, data: bytes, damage: list[Damage]) -> list[str]:
     folder = os.path.join(path, AUX, QUARANTINE)
-    os.makedirs(folder, exist_ok=True)
-    saved = []
-    for d in damage:
-        target = os.path.join(folder, f"{name}.{d.offset}.bad")
-        write_atomically(target, data[d.offset : d.offset + d.length])
-        saved.append(target)
+    make_dir(folder)
     fsync_dir(os.path.join(path, AUX))
-    return saved
+    return [save_new(folder, f"{name}.{d.offset}", ".bad", data[d.offset : d.offset + d.length])
+            for d in damage]
