@@ -5,6 +5,7 @@ truncate or delete anything outside it, and never destroy data inside it."""
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,43 @@ def test_backup_to_a_symlink_replaces_the_linked_file_and_keeps_the_link(tmp_pat
         s.deserialize(target)
         assert len(s) == 20
     assert not [f for f in os.listdir(target.parent) if f != "2026.snap"]  # no temp left
+
+
+# --- permissions: the umask decides ------------------------------------------------
+
+
+def modes(path: str) -> dict[str, int]:
+    out = {}
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = stat.S_IMODE(os.lstat(full).st_mode)
+    return out
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o077])
+def test_every_file_is_created_0666_minus_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        p = str(tmp_path / "s")
+        with mpkv.Store(p, max_segment_bytes=100) as s:
+            for i in range(30):
+                s[f"k{i}"] = f"v{i}"
+            watcher = s.watch(timeout=0)  # registers in .mpkv/readers
+            s.compact()
+            s.serialize(tmp_path / "backup.snap")
+            list(watcher)
+        with open(os.path.join(p, segs(p)[-1]), "ab") as f:
+            f.write(b"\xff" * 20)  # damage for repair to quarantine
+        mpkv.repair(p)
+        backup = stat.S_IMODE(os.stat(tmp_path / "backup.snap").st_mode)
+    finally:
+        os.umask(old)
+    found = modes(p)
+    assert {".mpkv/lock", ".mpkv/shm", ".mpkv/dirlock", ".mpkv/meta",
+            ".mpkv/compact.lock", ".mpkv/quarantine"} <= set(found)
+    assert any(".0001.seg" in n for n in found)  # a compaction output
+    for name, mode in found.items():
+        isdir = os.path.isdir(os.path.join(p, name))
+        assert mode == (0o777 if isdir else 0o666) & ~umask, (name, oct(mode))
+    assert backup == 0o666 & ~umask
