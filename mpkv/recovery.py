@@ -17,7 +17,17 @@ from .codec import Codec
 from .errors import FormatError
 from .files import fsync_dir, make_dir, open_regular, save_new, write_atomically
 from .locks import WriterLock
-from .segments import AUX, LOCK, QUARANTINE, Meta, check_store_dir, list_log, read_meta
+from .segments import (
+    AUX,
+    LOCK,
+    META,
+    QUARANTINE,
+    Meta,
+    check_store_dir,
+    check_written,
+    list_log,
+    read_meta,
+)
 
 
 @dataclass
@@ -80,6 +90,8 @@ def _meta(path: str) -> Meta:
     meta = read_meta(path) if os.path.isdir(path) and check_store_dir(path) else None
     if meta is None:
         raise FormatError(f"{path}: not an mpkv store")
+    # Metadata naming the wrong format would make every record look damaged.
+    check_written(path, meta.format, os.path.join(path, AUX, META))
     return meta
 
 
