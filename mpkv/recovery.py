@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .codec import Codec
+from .codec import Codec, Puts
 from .errors import FormatError
 from .files import fsync_dir, make_dir, open_regular, save_new, write_atomically
 from .locks import WriterLock
@@ -71,7 +71,8 @@ def _scan(codec: Codec, file: str, data: bytes, newest: bool
     while pos < len(data):
         rest = data[pos:]
         dec = codec.decode(rest)
-        records += len(dec.batches)
+        # a record is one put or delete (what a user wrote), however units pack them
+        records += sum(len(b.keys) if isinstance(b, Puts) else len(b) for b in dec.batches)
         if dec.stop:
             good.append((pos, pos + dec.stop))
         pos += dec.stop
