@@ -22,6 +22,7 @@ from .segments import (
     AUX,
     DIRLOCK,
     LOCK,
+    META,
     QUARANTINE,
     SWITCH,
     SWITCH_MAX_BYTES,
@@ -29,6 +30,7 @@ from .segments import (
     Switch,
     check_store_dir,
     check_switch,
+    check_written,
     gap_message,
     list_segments,
     log_gap,
@@ -101,6 +103,8 @@ def _meta(path: str) -> Meta:
     meta = read_meta(path) if os.path.isdir(path) and check_store_dir(path) else None
     if meta is None:
         raise FormatError(f"{path}: not an mpkv store")
+    # Metadata naming the wrong format would make every record look damaged.
+    check_written(path, meta.format, os.path.join(path, AUX, META))
     return meta
 
 

@@ -17,7 +17,17 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from .codec import Batch, Codec, Op, codec_for, ops_of
+from .codec import (
+    HEADER,
+    RECORD_OPS,
+    RECORD_OPS_MORE,
+    RECORD_PACKED,
+    Batch,
+    Codec,
+    Op,
+    codec_for,
+    ops_of,
+)
 from .errors import CorruptionError, Error, FormatError
 from .files import check_dir, make_dir, open_dir, open_regular, read_capped, write_temp
 from .files import fsync_dir as fsync_dir
@@ -261,6 +271,50 @@ def read_meta(path: str) -> Meta | None:
             or isinstance(limit, bool) or limit < 1):
         raise FormatError(f"{file}: bad format {fmt!r} or max_segment_bytes {limit!r}")
     return Meta(fmt, limit)
+
+
+_SNIFF_CAP = 1 << 20
+
+
+def written_format(path: str) -> tuple[str, str] | None:
+    """``(format, file)``: the format the log's first record is written in, judged from
+    its bytes, or None when no segment holds a recognisable first record. A binary
+    record is recognised by its checksum, a text one by ``P|``/``D|``; so metadata that
+    names the wrong format (edited, or lost and recreated) is caught before any writer
+    takes the other format's records for a torn tail and truncates them."""
+    for name in list_segments(path):  # any segment will do: no need to judge the log
+        file = os.path.join(path, name)
+        try:
+            fd = open_regular(file, os.O_RDONLY)
+        except FileNotFoundError:  # compacted away meanwhile
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, HEADER.size, 0)
+            if len(head) < 2:
+                continue
+            crc, length, kind = HEADER.unpack(head) if len(head) == HEADER.size else (0, 0, 0)
+            text = head[:2] in (b"P|", b"D|")
+            if kind in (RECORD_OPS, RECORD_OPS_MORE, RECORD_PACKED) and (
+                    HEADER.size + length <= size):
+                if length > _SNIFF_CAP:  # too big to checksum at every open
+                    return ("text" if text else "binary"), file
+                record = os.pread(fd, HEADER.size + length, 0)
+                if zlib.crc32(record[4:]) == crc:
+                    return "binary", file
+            return ("text", file) if text else None
+        finally:
+            os.close(fd)
+    return None
+
+
+def check_written(path: str, fmt: str, source: str) -> None:
+    """FormatError when the segments are written in another format than ``fmt``
+    (which ``source`` says); nothing is written before this check."""
+    written = written_format(path)
+    if written is not None and written[0] != fmt:
+        raise FormatError(f"{written[1]}: holds {written[0]} records, but {source} says "
+                          f"{fmt!r}; refusing to open (a writer would truncate them)")
 
 
 def check_store_dir(path: str) -> bool:
