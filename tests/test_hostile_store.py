@@ -307,3 +307,70 @@ def test_huge_side_file_is_refused_not_read_whole(tmp_path, name, fmt):
         f.truncate(2 << 30)  # sparse: 2 GiB of zeros, no disk used
     out = open_in_child(p)
     assert out.stdout.startswith("refused") and name in out.stdout, out.stderr[-500:]
+
+
+# --- Redis: credentials stay secret, server contents are checked ----------------------
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/x?password=hunter2",
+    "redis://127.0.0.1:6379/0?db=1&password=hunter2",
+    "redis://:hunter2@127.0.0.1:6379/x",
+    "redis://admin:hunter2@127.0.0.1:6379/x",
+    "redis://hunter2@127.0.0.1:6379/x",
+    "redis://127.0.0.1:6379/0?namespace=a{b}&password=hunter2",
+    "redis://127.0.0.1:6379/0?namespace=&password=hunter2",
+    "redis://127.0.0.1:6379/0?password=hunter2&socket_timeout=bad",
+    "http://:hunter2@127.0.0.1/0",
+])
+def test_bad_redis_url_error_never_shows_the_password(url):
+    pytest.importorskip("redis")
+    from mpkv.redis_store import RedisStore
+
+    with pytest.raises(mpkv.Error) as info:
+        RedisStore(url)
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    redis = pytest.importorskip("redis")
+    if not os.path.exists("/usr/bin/redis-server"):
+        pytest.skip("no redis-server")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            try:
+                redis.Redis(host="127.0.0.1", port=port).ping()
+                break
+            except redis.RedisError:
+                import time
+
+                time.sleep(0.01)
+        yield f"redis://127.0.0.1:{port}/0?namespace=ns"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("staleness", [0.0, None])
+def test_non_integer_redis_sequence_key_is_a_corruption_error(redis_url, staleness):
+    import redis
+
+    with mpkv.open(redis_url) as s:
+        s["a"] = "1"
+        client = redis.Redis.from_url(redis_url.split("?")[0])
+        [seq_key] = [k for k in client.keys("*") if k.endswith(b"seq")]
+        client.set(seq_key, b"not a number")
+        client.close()
+        with pytest.raises(mpkv.CorruptionError, match="seq"):
+            s.refresh()
+    with pytest.raises(mpkv.CorruptionError, match="seq"):
+        mpkv.open(redis_url, max_staleness=staleness)
