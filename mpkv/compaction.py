@@ -13,15 +13,18 @@ import glob
 import os
 from collections.abc import Iterable
 
-from .codec import Codec, Value, apply
+from .codec import Codec, Puts, Value, apply
 from .errors import CorruptionError, Error
 from .segments import (
     AUX,
+    HORIZON,
     RETAINED,
     SWITCH,
+    UnitPos,
     fsync_dir,
     list_log,
     list_segments,
+    oldest_needed,
     parse_name,
     segment_name,
 )
@@ -30,10 +33,17 @@ from .snapshot import write_atomically
 TMP_PREFIX = "compact-"
 
 
-def replay(path: str, codec: Codec, names: Iterable[str]) -> dict[str, Value]:
-    """The state sealed segments ``names`` add up to; they must be whole and valid."""
+def replay(path: str, codec: Codec, names: Iterable[str],
+           last: list[UnitPos] | None = None) -> dict[str, Value]:
+    """The state sealed segments ``names`` add up to; they must be whole and valid.
+    ``last`` (when given) receives the position of the last unit they hold (the
+    compaction's horizon, see ``switch``)."""
     state: dict[str, Value] = {}
+    horizon: UnitPos = (1, 0, 0)
+    begun = (1, 0)
+    inside = False
     for name in names:
+        number, part = parse_name(name)  # type: ignore[misc]
         file = os.path.join(path, name)
         with open(file, "rb") as f:
             data = f.read()
@@ -43,6 +53,20 @@ def replay(path: str, codec: Codec, names: Iterable[str]) -> dict[str, Value]:
                                   " (run mpkv repair)", file, dec.stop)
         for batch in dec.batches:
             apply(state, batch)
+        if last is not None:
+            if part:  # a former output: the state as of the end of segment `number`
+                horizon = max(horizon, (number + 1, 0, 0))
+                continue
+            offset, count = 0, 0
+            for batch, end, more in zip(dec.batches, dec.ends, dec.more, strict=True):
+                if not inside:
+                    begun, count = (number, offset), 0
+                count += len(batch.keys) if isinstance(batch, Puts) else len(batch)
+                inside, offset = more, end
+                if not more:
+                    horizon = (*begun, count)
+    if last is not None:
+        last.append(horizon)
     return state
 
 
@@ -77,17 +101,25 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
 
 
 def switch(path: str, outputs: list[str], number: int, inputs: list[str],
-           needed: int | None, dirlock: int) -> None:
+           dirlock: int, horizon: UnitPos | None = None) -> None:
     """Put the outputs in place of the inputs (writer lock held).
 
     Under the directory lock held exclusively, so no reader lists the directory halfway:
     rename the outputs to parts 1, 2, ... of ``number`` (each compaction seals a new
     segment first, so ``number`` was never compacted before); record the switch in
     ``.mpkv/compacted`` (from then on ``list_log`` ignores the inputs, even after a
-    crash); move inputs a live watcher still needs (number >= ``needed``) to
-    ``.mpkv/retained/`` and delete the others; drop the record."""
+    crash); move inputs a live watcher still needs (see ``oldest_needed``) to
+    ``.mpkv/retained/`` and delete the others; drop the record. Watchers register under
+    the directory lock held shared, so the registrations read here are complete.
+
+    ``horizon``, the position of the last unit of the inputs, goes to ``.mpkv/horizon``
+    first: a watcher resuming at or after it has lost nothing (docs/compaction.md)."""
     fcntl.flock(dirlock, fcntl.LOCK_EX)
     try:
+        needed = oldest_needed(path)
+        if horizon is not None:
+            write_atomically(os.path.join(path, AUX, HORIZON),
+                             f"{number} {horizon[0]} {horizon[1]} {horizon[2]}\n".encode())
         for k, tmp in enumerate(outputs, start=1):
             target = os.path.join(path, segment_name(number, k))
             if os.path.exists(target):
@@ -118,7 +150,7 @@ def _retire(path: str, inputs: list[str], needed: int | None) -> None:
     fsync_dir(path)
 
 
-def tidy(path: str, needed: int | None, dirlock: int) -> None:
+def tidy(path: str, dirlock: int) -> None:
     """Finish a switch a crash interrupted, and delete outputs of a compaction that died
     before its switch (compaction lock held)."""
     for tmp in glob.glob(os.path.join(path, AUX, f"{TMP_PREFIX}*.tmp")):
@@ -127,6 +159,7 @@ def tidy(path: str, needed: int | None, dirlock: int) -> None:
     if os.path.exists(marker):
         fcntl.flock(dirlock, fcntl.LOCK_EX)
         try:
+            needed = oldest_needed(path)
             live = set(list_log(path))
             _retire(path, [n for n in list_segments(path) if n not in live], needed)
             os.unlink(marker)
