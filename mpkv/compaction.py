@@ -15,20 +15,19 @@ from collections.abc import Iterable
 
 from .codec import Codec, Puts, Value, apply
 from .errors import CorruptionError, Error
+from .files import create_temp, fsync_dir, make_dir, open_dir, open_regular, write_atomically
 from .segments import (
     AUX,
     HORIZON,
     RETAINED,
     SWITCH,
     UnitPos,
-    fsync_dir,
     list_log,
     list_segments,
     oldest_needed,
     parse_name,
     segment_name,
 )
-from .snapshot import write_atomically
 
 TMP_PREFIX = "compact-"
 
@@ -45,7 +44,7 @@ def replay(path: str, codec: Codec, names: Iterable[str],
     for name in names:
         number, part = parse_name(name)  # type: ignore[misc]
         file = os.path.join(path, name)
-        with open(file, "rb") as f:
+        with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
             data = f.read()
         dec = codec.decode(data)
         if dec.problem:
@@ -84,14 +83,16 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
                     f.flush()
                     os.fsync(f.fileno())
                     f.close()
-                outputs.append(os.path.join(aux, f"{TMP_PREFIX}{os.getpid()}-{len(outputs)}.tmp"))
-                f = open(outputs[-1], "wb")  # noqa: SIM115
+                fd, tmp = create_temp(aux, f"{TMP_PREFIX}{len(outputs)}-")
+                outputs.append(tmp)
+                f = os.fdopen(fd, "wb")
                 used = 0
             f.write(data)
             used += units
         if f is None:  # an empty state still gets a (empty) first part: the log's start
-            outputs.append(os.path.join(aux, f"{TMP_PREFIX}{os.getpid()}-0.tmp"))
-            f = open(outputs[-1], "wb")  # noqa: SIM115
+            fd, tmp = create_temp(aux, f"{TMP_PREFIX}0-")
+            outputs.append(tmp)
+            f = os.fdopen(fd, "wb")
         f.flush()
         os.fsync(f.fileno())
     finally:
@@ -136,17 +137,30 @@ def switch(path: str, outputs: list[str], number: int, inputs: list[str],
 
 
 def _retire(path: str, inputs: list[str], needed: int | None) -> None:
+    """Through a descriptor of ``.mpkv/retained``: a link put in its place cannot make
+    compaction delete or move files anywhere else."""
     kept = os.path.join(path, AUX, RETAINED)
-    old = list_segments(kept) if os.path.isdir(kept) else []
-    for name in old:  # what watchers no longer need
-        if needed is None or parse_name(name)[0] < needed:  # type: ignore[index]
-            os.unlink(os.path.join(kept, name))
-    for name in inputs:
-        if needed is not None and parse_name(name)[0] >= needed:  # type: ignore[index]
-            os.makedirs(kept, exist_ok=True)
-            os.rename(os.path.join(path, name), os.path.join(kept, name))
-        else:
-            os.unlink(os.path.join(path, name))
+    keep = [n for n in inputs
+            if needed is not None and parse_name(n)[0] >= needed]  # type: ignore[index]
+    if keep:
+        make_dir(kept)
+    try:
+        fd = open_dir(kept)
+    except FileNotFoundError:
+        fd = -1
+    try:
+        old = sorted(n for n in os.listdir(fd) if parse_name(n)) if fd >= 0 else []
+        for name in old:  # what watchers no longer need
+            if needed is None or parse_name(name)[0] < needed:  # type: ignore[index]
+                os.unlink(name, dir_fd=fd)
+        for name in inputs:
+            if name in keep:
+                os.rename(os.path.join(path, name), name, dst_dir_fd=fd)
+            else:
+                os.unlink(os.path.join(path, name))
+    finally:
+        if fd >= 0:
+            os.close(fd)
     fsync_dir(path)
 
 

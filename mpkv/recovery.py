@@ -13,13 +13,11 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .codec import Codec
+from .codec import Codec, Puts
 from .errors import FormatError
+from .files import fsync_dir, make_dir, open_regular, save_new, write_atomically
 from .locks import WriterLock
-from .segments import AUX, LOCK, Meta, fsync_dir, list_log, read_meta
-from .snapshot import write_atomically
-
-QUARANTINE = "quarantine"
+from .segments import AUX, LOCK, QUARANTINE, Meta, check_store_dir, list_log, read_meta
 
 
 @dataclass
@@ -63,7 +61,8 @@ def _scan(codec: Codec, file: str, data: bytes, newest: bool
     while pos < len(data):
         rest = data[pos:]
         dec = codec.decode(rest)
-        records += len(dec.batches)
+        # a record is one put or delete (what a user wrote), however units pack them
+        records += sum(len(b.keys) if isinstance(b, Puts) else len(b) for b in dec.batches)
         if dec.stop:
             good.append((pos, pos + dec.stop))
         pos += dec.stop
@@ -79,7 +78,7 @@ def _scan(codec: Codec, file: str, data: bytes, newest: bool
 
 
 def _meta(path: str) -> Meta:
-    meta = read_meta(path) if os.path.isdir(path) else None
+    meta = read_meta(path) if os.path.isdir(path) and check_store_dir(path) else None
     if meta is None:
         raise FormatError(f"{path}: not an mpkv store")
     return meta
@@ -94,7 +93,7 @@ def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Rep
     report = Report(segments=len(names))
     for i, name in enumerate(progress(names) if progress else names):
         file = os.path.join(path, name)
-        with open(file, "rb") as f:
+        with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
             data = f.read()
         records, good, damage = _scan(meta.codec, file, data, newest=i == len(names) - 1)
         report.records += records
@@ -128,11 +127,7 @@ def repair(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
 
 def _quarantine(path: str, name: str, data: bytes, damage: list[Damage]) -> list[str]:
     folder = os.path.join(path, AUX, QUARANTINE)
-    os.makedirs(folder, exist_ok=True)
-    saved = []
-    for d in damage:
-        target = os.path.join(folder, f"{name}.{d.offset}.bad")
-        write_atomically(target, data[d.offset : d.offset + d.length])
-        saved.append(target)
+    make_dir(folder)
     fsync_dir(os.path.join(path, AUX))
-    return saved
+    return [save_new(folder, f"{name}.{d.offset}", ".bad", data[d.offset : d.offset + d.length])
+            for d in damage]

@@ -702,7 +702,7 @@ class RedisStore(StoreMapping):
 
     def serialize(self, file_path: str | os.PathLike[str]) -> None:
         """Write the current state (one atomic HGETALL) to one file, atomically."""
-        snapshot.write_atomically(os.fspath(file_path), snapshot.encode(self._server_items()))
+        snapshot.write(os.fspath(file_path), snapshot.encode(self._server_items()))
 
     def _server_items(self) -> dict[str, Value]:
         self._check()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from .codec import Batch, Codec, Op, Puts, codec_for, ops_of
 from .errors import CorruptionError, Error, FormatError
+from .files import check_dir, make_dir, open_dir, open_regular, read_capped, write_temp
+from .files import fsync_dir as fsync_dir
 
 AUX = ".mpkv"
 META = "meta"
@@ -28,9 +30,13 @@ DIRLOCK = "dirlock"  # shared: listing + opening a segment; exclusive: compactio
 SWITCH = "compacted"  # "b": compaction b's outputs are all in place; its inputs go
 RETAINED = "retained"  # compacted inputs a live watcher has not read yet
 HORIZON = "horizon"  # "b S O N": the last unit compaction b removed (watch positions)
+QUARANTINE = "quarantine"  # damaged bytes repair moved aside
 MAGIC = "mpkv"
 VERSION = 1
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
+#: Largest side file (meta, txn, compacted, a readers entry) mpkv reads: they hold a few
+#: dozen bytes, and one that a link or a stray writer made huge must not fill memory.
+SIDE_FILE_CAP = 4096
 
 _NAME = re.compile(r"^(\d{12})(?:\.(\d{4}))?\.seg$")
 
@@ -57,10 +63,10 @@ def list_log(path: str) -> list[str]:
     switch (all outputs in place), the inputs it replaced no longer count, even if a
     crash left some behind (docs/compaction.md)."""
     names = list_segments(path)
+    data = read_capped(os.path.join(path, AUX, SWITCH), SIDE_FILE_CAP)
     try:
-        with open(os.path.join(path, AUX, SWITCH), encoding="ascii") as f:
-            switched = int(f.read())
-    except (FileNotFoundError, ValueError):
+        switched = int(data or b"")
+    except ValueError:
         return names
     first = segment_name(switched, 1)
     return [n for n in names if n >= first and n != segment_name(switched)]
@@ -80,14 +86,6 @@ def follows(prev: str, nxt: str) -> bool:
     return pp != 0 and nm == pm and np_ == pp + 1
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- metadata -------------------------------------------------------------------
 
 
@@ -105,24 +103,27 @@ def read_meta(path: str) -> Meta | None:
     """The store's metadata, None when the file does not exist (yet)."""
     file = os.path.join(path, AUX, META)
     try:
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
+        data = read_capped(file, SIDE_FILE_CAP)
+        if data is None:
+            return None
+        raw = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
         raise FormatError(f"{file}: unreadable store metadata: {exc}") from None
     if not isinstance(raw, dict) or raw.get("magic") != MAGIC:
         raise FormatError(f"{file}: not mpkv metadata (bad magic)")
     if raw.get("version") != VERSION:
         raise FormatError(f"{file}: unsupported format version {raw.get('version')!r}")
     fmt, limit = raw.get("format"), raw.get("max_segment_bytes")
-    if fmt not in ("binary", "text") or not isinstance(limit, int) or limit < 1:
+    if (fmt not in ("binary", "text") or not isinstance(limit, int)
+            or isinstance(limit, bool) or limit < 1):
         raise FormatError(f"{file}: bad format {fmt!r} or max_segment_bytes {limit!r}")
     return Meta(fmt, limit)
 
 
 def check_store_dir(path: str) -> bool:
-    """Raise FormatError unless ``path`` can hold a store; True when it exists."""
+    """Raise FormatError unless ``path`` can hold a store; True when it exists.
+    ``.mpkv`` and its folders must be real directories, never links: files mpkv
+    creates, truncates or deletes in them must stay inside the store."""
     if not os.path.exists(path):
         return False
     if not os.path.isdir(path):
@@ -130,6 +131,10 @@ def check_store_dir(path: str) -> bool:
     entries = os.listdir(path)
     if entries and AUX not in entries:
         raise FormatError(f"{path}: a non-empty directory that is not an mpkv store")
+    aux = os.path.join(path, AUX)
+    if check_dir(aux):
+        for folder in (READERS, RETAINED, QUARANTINE):
+            check_dir(os.path.join(aux, folder))
     return True
 
 
@@ -140,15 +145,10 @@ def create_meta(path: str, meta: Meta) -> Meta:
     fails if the name exists, so racing creators agree on exactly one metadata file.
     """
     aux = os.path.join(path, AUX)
-    os.makedirs(aux, exist_ok=True)
-    tmp = os.path.join(aux, f"meta.tmp.{os.getpid()}.{id(meta)}")
+    make_dir(aux)
     body = {"magic": MAGIC, "version": VERSION, "format": meta.format,
             "max_segment_bytes": meta.max_segment_bytes}
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(body, f)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = write_temp(aux, "meta.tmp.", (json.dumps(body) + "\n").encode("utf-8"))
     try:
         os.link(tmp, os.path.join(aux, META))
         fsync_dir(aux)
@@ -173,24 +173,23 @@ def create_meta(path: str, meta: Meta) -> Meta:
 def write_intent(path: str, number: int, offset: int, durable: bool) -> None:
     """Written whole then renamed into place: a reader never sees half a position."""
     aux = os.path.join(path, AUX)
-    tmp = os.path.join(aux, f"{INTENT}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(f"{number} {offset}\n")
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(aux, INTENT))
+    tmp = write_temp(aux, f"{INTENT}.", f"{number} {offset}\n".encode("ascii"), durable)
+    try:
+        os.replace(tmp, os.path.join(aux, INTENT))
+    except BaseException:
+        os.unlink(tmp)
+        raise
     if durable:
         fsync_dir(aux)
 
 
 def read_intent(path: str) -> tuple[int, int] | None:
-    try:
-        with open(os.path.join(path, AUX, INTENT), encoding="ascii") as f:
-            number, offset = f.read().split()
-        return int(number), int(offset)
-    except FileNotFoundError:
+    data = read_capped(os.path.join(path, AUX, INTENT), SIDE_FILE_CAP)
+    if data is None:
         return None
+    try:
+        number, offset = data.split()
+        return int(number), int(offset)
     except ValueError:  # the intent file itself was cut short: its commit wrote nothing
         return None
 
@@ -203,13 +202,18 @@ def clear_intent(path: str) -> None:
 
 
 def truncate_log(path: str, number: int, offset: int) -> None:
-    """Cut the log at ``offset`` of segment ``number``: later segments are deleted."""
+    """Cut the log at ``offset`` of segment ``number``: later segments are deleted.
+    (Unlinking a name never follows a link; the truncated file is opened without.)"""
     for name in list_segments(path):
         major = parse_name(name)[0]  # type: ignore[index]
         if major > number:
             os.unlink(os.path.join(path, name))
         elif major == number and name == segment_name(number):
-            os.truncate(os.path.join(path, name), offset)
+            fd = open_regular(os.path.join(path, name), os.O_WRONLY)
+            try:
+                os.ftruncate(fd, offset)
+            finally:
+                os.close(fd)
     fsync_dir(path)
 
 
@@ -221,11 +225,13 @@ def truncate_log(path: str, number: int, offset: int) -> None:
 
 def register_reader(path: str, token: str, number: int) -> None:
     folder = os.path.join(path, AUX, READERS)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{token}.tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(str(number))
-    os.replace(tmp, os.path.join(folder, token))
+    make_dir(folder)
+    tmp = write_temp(folder, f".{token}.", str(number).encode("ascii"), durable=False)
+    try:
+        os.replace(tmp, os.path.join(folder, token))
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def unregister_reader(path: str, token: str) -> None:
@@ -238,33 +244,52 @@ def unregister_reader(path: str, token: str) -> None:
 def read_horizon(path: str) -> tuple[int, UnitPos] | None:
     """``(b, last unit)`` of the latest compaction, None when unknown or unreadable."""
     try:
-        with open(os.path.join(path, AUX, HORIZON), encoding="ascii") as f:
-            b, segment, offset, count = (int(x) for x in f.read(100).split())
-    except (OSError, ValueError):
+        data = read_capped(os.path.join(path, AUX, HORIZON), 100)
+        if data is None:
+            return None
+        b, segment, offset, count = (int(x) for x in data.split())
+    except (OSError, ValueError, FormatError):  # unknown: resuming is refused, not guessed
         return None
     return b, (segment, offset, count)
 
 
 def oldest_needed(path: str) -> int | None:
-    """The oldest segment number a live registered reader still needs."""
+    """The oldest segment number a live registered reader still needs. Entries that
+    are not ``<pid>-<id>`` holding a number are not mpkv's and are ignored; the folder
+    is used through a descriptor, so nothing outside it is ever deleted."""
     folder = os.path.join(path, AUX, READERS)
+    try:
+        fd = open_dir(folder)
+    except FileNotFoundError:
+        return None
     numbers = []
-    for token in os.listdir(folder) if os.path.isdir(folder) else []:
-        if token.startswith("."):
-            continue
-        pid = int(token.split("-")[0])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:  # that reader died: forget it
-            unregister_reader(path, token)
-            continue
-        except PermissionError:
-            pass
-        try:
-            with open(os.path.join(folder, token), encoding="ascii") as f:
-                numbers.append(int(f.read()))
-        except (FileNotFoundError, ValueError):
-            continue
+    try:
+        for token in os.listdir(fd):
+            pid_text = token.split("-")[0]
+            if token.startswith(".") or not pid_text.isdigit() or "-" not in token:
+                continue
+            try:
+                os.kill(int(pid_text), 0)
+            except ProcessLookupError:  # that reader died: forget it
+                try:
+                    os.unlink(token, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                continue
+            except (PermissionError, OverflowError):
+                pass
+            try:
+                entry = os.open(token, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+            except OSError:  # gone meanwhile, or a link or special file: not a reader's
+                continue
+            try:
+                numbers.append(int(os.pread(entry, SIDE_FILE_CAP, 0)))
+            except (OSError, ValueError):
+                continue
+            finally:
+                os.close(entry)
+    finally:
+        os.close(fd)
     return min(numbers, default=None)
 
 
@@ -348,7 +373,7 @@ class Cursor:
     def _open(self, folder: str, name: str, flags: int = 0) -> int:
         mode = os.O_RDWR if self.writable else os.O_RDONLY
         try:
-            return os.open(os.path.join(folder, name), mode | flags, 0o644)
+            return open_regular(os.path.join(folder, name), mode | flags)
         except FileNotFoundError:
             raise NeedReload from None
 

@@ -10,6 +10,7 @@ whole protocol; docs/format.md the bytes.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -22,11 +23,10 @@ from collections.abc import (
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-import filelock
-
 from . import compaction, snapshot
 from .codec import Batch, Op, Value, apply
 from .errors import ClosedError, Error, FormatError, ReadOnlyError
+from .files import open_regular
 from .locks import WriterLock
 from .mapping import MISSING, StoreMapping, TransactionMapping
 from .segments import (
@@ -177,8 +177,8 @@ class Store(StoreMapping):
         file = os.path.join(self.path, AUX, DIRLOCK)
         try:
             if self.readonly:
-                return os.open(file, os.O_RDONLY)
-            return os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+                return open_regular(file, os.O_RDONLY)
+            return open_regular(file, os.O_RDWR | os.O_CREAT)
         except OSError:  # readonly, and no writer ever created it
             return None
 
@@ -608,7 +608,7 @@ class Store(StoreMapping):
 
     def serialize(self, file_path: str | os.PathLike[str]) -> None:
         """Write the current state to one file, atomically."""
-        snapshot.write_atomically(os.fspath(file_path), snapshot.encode(self._copy()))
+        snapshot.write(os.fspath(file_path), snapshot.encode(self._copy()))
 
     def deserialize(self, file_path: str | os.PathLike[str]) -> None:
         """Replace the whole contents with the file's state, as one transaction."""
@@ -637,11 +637,11 @@ class Store(StoreMapping):
     def _compact(self, wait: bool, progress: Callable[[list[str]], Iterable[str]] | None = None
                  ) -> dict[str, int]:
         """``wait=False`` (auto-compaction): give up at once if another one runs."""
+        lock = open_regular(os.path.join(self.path, AUX, COMPACT_LOCK), os.O_RDWR | os.O_CREAT)
         try:
-            lock = filelock.FileLock(os.path.join(self.path, AUX, COMPACT_LOCK),
-                                     timeout=-1 if wait else 0)
-            lock.acquire()
-        except filelock.Timeout:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
             return {}
         try:
             compaction.tidy(self.path, self._dirlock_fd())
@@ -677,7 +677,7 @@ class Store(StoreMapping):
                 finally:
                     self._unlock()
         finally:
-            lock.release()
+            os.close(lock)  # releases the flock
         return {"segments_before": len(sealed), "segments_after": len(outputs),
                 "bytes_before": before, "bytes_after": after}
 

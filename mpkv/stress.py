@@ -562,8 +562,11 @@ def run(cfg: Config) -> tuple[Verdict, dict[str, int]]:
 
 def parser() -> argparse.ArgumentParser:
     d = Config()
-    p = argparse.ArgumentParser(
-        prog="mpkv stress", description="Processes x threads doing random put/get/delete/"
+    from .cli import Parser
+
+    p = Parser(
+        prog="mpkv stress", epilog="example:\n  mpkv stress --seconds 60 --kill --compact",
+        description="Processes x threads doing random put/get/delete/"
         "transactions on one store with constant rotation; then check that the history is "
         "linearizable per key, no acknowledged write is lost and the log replays to the "
         "final state. Exit 1 on any violation.")

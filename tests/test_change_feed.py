@@ -170,8 +170,9 @@ def test_since_compacted_away_raises_compacted_error(tmp_path: Path) -> None:
         assert list(s.watch(since=s.position(), timeout=0)) == []
 
 
-@pytest.mark.parametrize("bad", ["", "garbage", 12, "000000000001-000000000000-0000000003-0000000002",
-                                 "1-2-3-4", "999999999999-000000000000-0000000000-0000000000"])
+@pytest.mark.parametrize("bad", [
+    "", "garbage", 12, "1-2-3-4", "000000000001-000000000000-0000000003-0000000002",
+    "999999999999-000000000000-0000000000-0000000000"])
 def test_malformed_or_future_since_raises_value_error(tmp_path: Path, bad: object) -> None:
     with mpkv.Store(tmp_path / "s") as s:
         s.put("a", "1")
@@ -368,7 +369,7 @@ for i in range(600):
     if i % 200 == 199:
         store.compact()
 """)
-        out, err = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert [json.loads(x)["value"] for x in out.splitlines()] == [str(i) for i in range(600)]
