@@ -34,6 +34,7 @@ from .segments import (
     DEFAULT_MAX_SEGMENT_BYTES,
     DIRLOCK,
     LOCK,
+    META,
     SHM,
     Cursor,
     Limit,
@@ -41,6 +42,7 @@ from .segments import (
     NeedReload,
     UnitPos,
     check_store_dir,
+    check_written,
     clear_intent,
     create_meta,
     list_log,
@@ -50,6 +52,7 @@ from .segments import (
     read_meta,
     truncate_log,
     write_intent,
+    written_format,
 )
 from .shm import SEQ, SharedState
 from .watch import LogWatcher, check_prefix, check_timeout, parse_position, unit_token
@@ -122,13 +125,19 @@ class Store(StoreMapping):
         exists = check_store_dir(self.path)
         meta = read_meta(self.path) if exists else None
         if meta is None:
+            # Lost metadata over existing segments: their bytes tell the format.
+            written = written_format(self.path) if exists else None
+            fmt = format or (written[0] if written else "binary")
+            if exists:
+                check_written(self.path, fmt, f"format={fmt!r} (no metadata)")
             if self.readonly:
                 if not exists:
                     raise FormatError(f"{self.path}: no store here (readonly cannot create one)")
-                return Meta(format or "binary", max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES)
+                return Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES)
             os.makedirs(self.path, exist_ok=True)
-            meta = create_meta(self.path, Meta(format or "binary",
-                                               max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES))
+            meta = create_meta(self.path, Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES))
+        else:
+            check_written(self.path, meta.format, os.path.join(self.path, AUX, META))
         if format is not None and format != meta.format:
             raise ValueError(f"{self.path}: the store's format is {meta.format!r}, not {format!r}")
         if max_segment_bytes is not None and max_segment_bytes != meta.max_segment_bytes:
@@ -667,7 +676,7 @@ class Store(StoreMapping):
                                       progress(sealed) if progress else sealed, horizon)
             outputs = compaction.write_outputs(self.path, self._codec, state,
                                                self.max_segment_bytes)
-            after = sum(os.path.getsize(o) for o in outputs)
+            after = sum(o.size for o in outputs)
             number = parse_name(sealed[-1])[0]  # type: ignore[index]
             with self._write_mutex:
                 self._lock()

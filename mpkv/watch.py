@@ -217,7 +217,7 @@ class LogWatcher(Iterator[Change]):
             self._register(segment)
             where = self._where(segment)
             resume = self._past_horizon(since) if where == "compacted" else None
-            if resume is not None:  # compacted, but only changes up to `since`
+            if resume is not None and resume > segment:  # only changes up to `since`
                 segment, offset, count = resume, 0, 0
                 self._register(segment)
             elif where == "compacted":
@@ -276,7 +276,7 @@ class LogWatcher(Iterator[Change]):
                 return True
             if self._where(segment) == "compacted":
                 resume = self._past_horizon((segment, offset, 0, 0))
-                if resume is None:
+                if resume is None or resume <= segment:
                     raise self._gap(f"segment {segment}")
                 self._pending = (resume, 0)
         return False
@@ -342,7 +342,7 @@ class LogWatcher(Iterator[Change]):
             # only if every change they held was delivered already.
             done = cursor.position
             resume = self._past_horizon((done[0], done[1], max(done[2] - 1, 0), done[2]))
-            if resume is None:
+            if resume is None or resume <= cursor.number:
                 raise self._gap(f"a segment after {cursor.name}") from None
             self._pending = (resume, 0)
             return True
