@@ -188,3 +188,31 @@ def test_repair_bridges_a_missing_segment(tmp_path: Path, which: str) -> None:
     assert any(names[i + 1] in str(d) for d in report.damage), report.summary()
     assert state(path) == {k: v for k, v in want.items() if k not in lost}
     assert mpkv.verify(str(path)).ok
+
+
+# ------------------------------------------------ record types
+
+
+@pytest.mark.parametrize("rtype", [0, 4, 9, 255])
+def test_record_of_unknown_type_is_damage_not_applied(tmp_path: Path, rtype: int) -> None:
+    """A record with a valid checksum but a type that is not 1, 2 or 3, holding a single
+    put of a str (what the fast path decodes), is damage wherever it is."""
+    import struct
+    import zlib
+    path = tmp_path / "s"
+    with mpkv.Store(path) as s:
+        s["before"] = "1"
+    seg = path / list_segments(str(path))[0]
+    good = seg.read_bytes()
+    records = mpkv.codec.CODECS["binary"].encode([("evil", "x")])
+    rec = bytearray(records[0][0])
+    rec[8] = rtype
+    rec[0:4] = struct.pack("<I", zlib.crc32(bytes(rec[4:])))
+    with mpkv.Store(path) as s:
+        s["after"] = "2"
+    tail = seg.read_bytes()[len(good):]
+    seg.write_bytes(good + bytes(rec) + tail)
+    with pytest.raises(mpkv.CorruptionError) as err:
+        mpkv.Store(path, readonly=True)
+    assert str(seg) in str(err.value) and f"offset {len(good)}" in str(err.value)
+    assert not mpkv.verify(str(path)).ok
