@@ -173,7 +173,7 @@ def _bridge(path: str, meta: Meta, log: list[str], after: str) -> bool:
     outputs = compaction.write_outputs(path, meta.codec, state, meta.max_segment_bytes)
     fd = open_regular(os.path.join(path, AUX, DIRLOCK), os.O_RDWR | os.O_CREAT)
     try:
-        compaction.switch(path, outputs, bridge, inputs, None, fd)
+        compaction.switch(path, outputs, bridge, inputs, fd)  # records were lost: no horizon
     finally:
         os.close(fd)
     return True

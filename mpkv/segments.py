@@ -26,6 +26,7 @@ from .codec import (
     Batch,
     Codec,
     Op,
+    Puts,
     codec_for,
     ops_of,
 )
@@ -42,6 +43,7 @@ INTENT = "txn"
 DIRLOCK = "dirlock"  # shared: listing + opening a segment; exclusive: compaction's switch
 SWITCH = "compacted"  # a committed compaction switch (``Switch``): its inputs go
 RETAINED = "retained"  # compacted inputs a live watcher has not read yet
+HORIZON = "horizon"  # "b S O N": the last unit compaction b removed (watch positions)
 QUARANTINE = "quarantine"  # damaged bytes repair moved aside
 MAGIC = "mpkv"
 VERSION = 1
@@ -440,6 +442,18 @@ def unregister_reader(path: str, token: str) -> None:
         pass
 
 
+def read_horizon(path: str) -> tuple[int, UnitPos] | None:
+    """``(b, last unit)`` of the latest compaction, None when unknown or unreadable."""
+    try:
+        data = read_capped(os.path.join(path, AUX, HORIZON), 100)
+        if data is None:
+            return None
+        b, segment, offset, count = (int(x) for x in data.split())
+    except (OSError, ValueError, FormatError):  # unknown: resuming is refused, not guessed
+        return None
+    return b, (segment, offset, count)
+
+
 def oldest_needed(path: str) -> int | None:
     """The oldest segment number a live registered reader still needs. Entries that
     are not ``<pid>-<id>`` holding a number are not mpkv's and are ignored; the folder
@@ -489,6 +503,12 @@ class NeedReload(Exception):
 
 #: Where a reader must stop: ``(segment number, end offset)``; end None means "to EOF".
 Limit = tuple[int, "int | None"]
+#: Where an atomic unit starts: ``(segment number, compaction part, byte offset)``.
+Start = tuple[int, int, int]
+#: The last unit a cursor applied: ``(segment number, start offset, number of ops)``;
+#: ``(N, 0, 0)`` when it applied none since the start of segment N (docs/protocol.md,
+#: "Positions").
+UnitPos = tuple[int, int, int]
 
 
 def _beyond(name: str, limit: Limit | None) -> bool:
@@ -519,6 +539,7 @@ class Cursor:
         self.units = 0  # size of the current segment in the limit's units
         self.number = 0  # the current segment's number (0: none yet)
         self.part = 0  # and its compaction part (0: an appended segment)
+        self.position: UnitPos = (1, 0, 0)  # the last unit read (or appended by the owner)
         # The log's names (and their folders) as listed once in the current ``read``:
         # one listing per tail step, not one per segment. None: not listed yet.
         self._listing: list[tuple[str, str]] | None = None
@@ -527,6 +548,31 @@ class Cursor:
         self.close()
         self.name, self.folder, self.fd, self.offset, self.units = name, folder, fd, 0, 0
         self.number, self.part = parse_name(name)  # type: ignore[misc]
+        if self.part:  # the state as of the end of segment `number`: before number + 1
+            self.position = max(self.position, (self.number + 1, 0, 0))
+
+    def seek(self, number: int, offset: int) -> bool:
+        """Start at ``offset`` of appended segment ``number`` (in the log or, with
+        ``retained``, in .mpkv/retained/); False when no such segment exists."""
+        name = segment_name(number)
+        if self.dirlock is not None:
+            fcntl.flock(self.dirlock, fcntl.LOCK_SH)
+        try:
+            folders = [self.path, os.path.join(self.path, AUX, RETAINED)]
+            for folder in folders[:2 if self.retained else 1]:
+                if folder == self.path and name not in list_log(self.path):
+                    continue
+                try:
+                    fd = self._open(folder, name)
+                except NeedReload:
+                    continue
+                self._enter(name, folder, fd)
+                self.offset = offset
+                return True
+            return False
+        finally:
+            if self.dirlock is not None:
+                fcntl.flock(self.dirlock, fcntl.LOCK_UN)
 
     def _open(self, folder: str, name: str, flags: int = 0) -> int:
         mode = os.O_RDWR if self.writable else os.O_RDONLY
@@ -583,10 +629,12 @@ class Cursor:
                     raise NeedReload
             self._listing, fresh = None, True
 
-    def read(self, limit: Limit | None) -> tuple[list[Batch], int | None]:
+    def read(self, limit: Limit | None, starts: list[Start] | None = None
+             ) -> tuple[list[Batch], int | None]:
         """Decode what follows the cursor, up to ``limit``; return the complete atomic
         units and, when the log ends in a torn record or an unfinished unit, the offset
-        (in the cursor's segment) where the torn part starts.
+        (in the cursor's segment) where the torn part starts. ``starts`` (when given)
+        receives where each returned unit starts, for positions.
 
         A unit may span segments; until its last record is read the cursor stays at its
         start, so an unfinished unit is read again, whole, next time."""
@@ -594,6 +642,8 @@ class Cursor:
         batches: list[Batch] = []
         pending: list[Op] = []  # ops of a unit whose last record is not read yet
         mark = (self.name, self.folder, self.offset, self.units)  # where that unit starts
+        inside = False  # the last record read continues its unit
+        begun: Start = (self.number, self.part, self.offset)  # where that unit started
         while True:
             if self.name is None:
                 first = self._next()
@@ -615,11 +665,20 @@ class Cursor:
             dec = self.codec.decode(data)
             for ops, end, units, more in zip(dec.batches, dec.ends, dec.units, dec.more,
                                              strict=True):
+                if not inside:
+                    begun = (self.number, self.part, self.offset)
+                inside = more
                 if more:
                     pending += ops_of(ops)
                 else:
-                    batches.append(pending + ops_of(ops) if pending else ops)
+                    batch = pending + ops_of(ops) if pending else ops
+                    batches.append(batch)
                     pending = []
+                    if starts is not None:
+                        starts.append(begun)
+                    if not begun[1]:
+                        self.position = (begun[0], begun[2], len(batch.keys)
+                                         if isinstance(batch, Puts) else len(batch))
                 self.offset = start + end
                 self.units += units
                 if not more:
