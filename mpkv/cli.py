@@ -437,6 +437,9 @@ def _wait_for_store(path: str, timeout: float | None) -> bool:
 def cmd_watch(args: argparse.Namespace) -> int:
     since = args.since
     if not _holds_store(str(args.path)):
+        # Said once, like tail -F, so that whoever waits on us knows we are waiting.
+        print(f"mpkv watch: waiting for {args.path} to become a store", file=sys.stderr,
+              flush=True)
         if not _wait_for_store(str(args.path), args.timeout):
             return 0
         if since is None:  # the store is new: every change from its first

@@ -31,6 +31,7 @@ from .segments import (
     AUX,
     RETAINED,
     Cursor,
+    Limit,
     NeedReload,
     Start,
     UnitPos,
@@ -49,6 +50,7 @@ _TOKEN = re.compile(r"^(\d{12})-(\d{12})-(\d{10})-(\d{10})$")
 #: A parsed position: (segment, unit start offset, index in the unit, changes in the unit).
 Pos = tuple[int, int, int, int]
 _names = itertools.count()
+READ_CHUNK = 1 << 20  # bytes of log a watcher decodes at a time while catching up
 #: The position before every change of any store (the start of segment 1).
 BEFORE_ALL = "000000000001-000000000000-0000000000-0000000000"
 
@@ -324,19 +326,26 @@ class LogWatcher(Iterator[Change]):
 
     def _read(self) -> bool:
         """Read the next stretch of the log into the buffer; True when more is there to
-        read at once. A long catch-up goes a segment at a time, so memory stays bounded
-        by one segment's changes however far behind the watcher is."""
+        read at once. A catch-up reads ``READ_CHUNK`` bytes at a time, so a watcher holds
+        a bounded number of changes however far behind it is."""
         store = self._store
         if self._pending is not None and not self._enter_start():
             return False
         seq, limit = store._reader_limit()
         cursor = self._cursor
-        cap = (cursor.number + self._span, 0)
-        capped = limit is not None and limit[0] > cap[0]
+        bound: Limit | None = limit
+        if limit is not None and cursor.fd >= 0:
+            room = READ_CHUNK * self._span
+            if os.fstat(cursor.fd).st_size - cursor.offset > room:
+                bound = (cursor.number, cursor.offset + room)
+            else:  # the rest of this segment, then the start of the next one
+                bound = (cursor.number + 1, 0)
+            if bound >= limit:
+                bound = limit
         before = (cursor.number, cursor.offset)
         starts: list[Start] = []
         try:
-            batches, torn = cursor.read(cap if capped else limit, starts)
+            batches, torn = cursor.read(bound, starts)
         except NeedReload:
             # Files this unregistered watcher had yet to read were compacted away: fine
             # only if every change they held was delivered already.
@@ -348,12 +357,12 @@ class LogWatcher(Iterator[Change]):
             return True
         self._deliver(batches, starts)
         self._register(cursor.number)
-        if not capped:
+        if bound is limit:
             self._span = 1
             self._seen_seq = seq
             return False
         if torn is not None and (cursor.number, cursor.offset) == before:
-            self._span *= 2  # a unit runs past the cap: read further at once
+            self._span *= 2  # a record or unit runs past the bound: read further at once
         else:
             self._span = 1
         return True
