@@ -143,8 +143,6 @@ CASES = [
 #: cases that find a bug being fixed elsewhere; each comes back once its fix lands
 #: (MPKV_CRASH_ALL=1 runs them anyway)
 KNOWN_BUGS = {
-    "compact-binary-one-segment-two-outputs":
-        "the reader skips an input whose compaction outputs are incomplete",
     "put-rotates-binary": "a record written past the commit point is adopted later",
     "put-rotates-text": "a record written past the commit point is adopted later",
     "transaction-chained-binary": "a record written past the commit point is adopted later",
