@@ -9,6 +9,7 @@ so no other file can be taken for a segment. See docs/format.md and docs/protoco
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import itertools
 import json
@@ -539,6 +540,9 @@ class Cursor:
         self.number = 0  # the current segment's number (0: none yet)
         self.part = 0  # and its compaction part (0: an appended segment)
         self.position: UnitPos = (1, 0, 0)  # the last unit read (or appended by the owner)
+        # The log's names (and their folders) as listed once in the current ``read``:
+        # one listing per tail step, not one per segment. None: not listed yet.
+        self._listing: list[tuple[str, str]] | None = None
 
     def _enter(self, name: str, folder: str, fd: int) -> None:
         self.close()
@@ -577,31 +581,53 @@ class Cursor:
         except FileNotFoundError:
             raise NeedReload from None
 
-    def _next(self) -> tuple[str, str, int] | None:
-        """The segment to read after this one, opened: ``(name, folder, fd)``.
+    def _list(self) -> list[tuple[str, str]]:
+        """The log's segments, and retained ones for a watcher, in name order.
 
-        Listing and opening hold the directory lock shared, so a compaction's switch
-        (exclusive) is seen whole or not at all. The first later name that continues the
-        log (see ``follows``) is taken: ``N+1`` before a compaction's outputs, so a watcher
-        sees every change once. NeedReload when later names exist but none continues."""
+        Listing holds the directory lock shared, so a compaction's switch (exclusive) is
+        seen whole or not at all."""
         if self.dirlock is not None:
             fcntl.flock(self.dirlock, fcntl.LOCK_SH)
         try:
-            later = [(n, self.path) for n in list_log(self.path)
-                     if self.name is None or n > self.name]
+            names = [(n, self.path) for n in list_log(self.path)]
             kept = os.path.join(self.path, AUX, RETAINED)
             if self.retained and os.path.isdir(kept):
-                later = sorted(later + [(n, kept) for n in list_segments(kept)
-                                        if self.name is None or n > self.name])
+                names = sorted(names + [(n, kept) for n in list_segments(kept)])
+            return names
+        finally:
+            if self.dirlock is not None:
+                fcntl.flock(self.dirlock, fcntl.LOCK_UN)
+
+    def _next(self) -> tuple[str, str, int] | None:
+        """The segment to read after this one, opened: ``(name, folder, fd)``.
+
+        The first later name that continues the log (see ``follows``) is taken: ``N+1``
+        before a compaction's outputs, so a watcher sees every change once. Names come
+        from the listing of this tail step; when the one to take has gone since (a
+        compaction's switch: deleted, or moved to ``.mpkv/retained/``), or none continues,
+        the directory is listed again once. NeedReload when later names exist but none
+        continues."""
+        fresh = self._listing is None
+        while True:
+            if self._listing is None:
+                self._listing = self._list()
+            start = 0 if self.name is None else bisect.bisect_right(self._listing,
+                                                                    (self.name, "\uffff"))
+            later = self._listing[start:]
             if not later:
                 return None
             for name, folder in later if self.name is not None else later[:1]:
                 if self.name is None or follows(self.name, name):
-                    return name, folder, self._open(folder, name)
-            raise NeedReload
-        finally:
-            if self.dirlock is not None:
-                fcntl.flock(self.dirlock, fcntl.LOCK_UN)
+                    try:
+                        return name, folder, self._open(folder, name)
+                    except NeedReload:
+                        if fresh:
+                            raise
+                    break
+            else:
+                if fresh:
+                    raise NeedReload
+            self._listing, fresh = None, True
 
     def read(self, limit: Limit | None, starts: list[Start] | None = None
              ) -> tuple[list[Batch], int | None]:
@@ -612,6 +638,7 @@ class Cursor:
 
         A unit may span segments; until its last record is read the cursor stays at its
         start, so an unfinished unit is read again, whole, next time."""
+        self._listing = None  # a new tail step lists the directory (at most) once
         batches: list[Batch] = []
         pending: list[Op] = []  # ops of a unit whose last record is not read yet
         mark = (self.name, self.folder, self.offset, self.units)  # where that unit starts
