@@ -94,6 +94,7 @@ def fsync_dir(path: str) -> None:
 class Meta:
     format: str
     max_segment_bytes: int
+    serializer: str = "raw"  # stores created before the field existed are raw
 
     @property
     def codec(self) -> Codec:
@@ -117,7 +118,10 @@ def read_meta(path: str) -> Meta | None:
     fmt, limit = raw.get("format"), raw.get("max_segment_bytes")
     if fmt not in ("binary", "text") or not isinstance(limit, int) or limit < 1:
         raise FormatError(f"{file}: bad format {fmt!r} or max_segment_bytes {limit!r}")
-    return Meta(fmt, limit)
+    serializer = raw.get("serializer", "raw")
+    if serializer not in ("raw", "json"):
+        raise FormatError(f"{file}: unknown serializer {serializer!r}")
+    return Meta(fmt, limit, serializer)
 
 
 def check_store_dir(path: str) -> bool:
@@ -142,7 +146,7 @@ def create_meta(path: str, meta: Meta) -> Meta:
     os.makedirs(aux, exist_ok=True)
     tmp = os.path.join(aux, f"meta.tmp.{os.getpid()}.{id(meta)}")
     body = {"magic": MAGIC, "version": VERSION, "format": meta.format,
-            "max_segment_bytes": meta.max_segment_bytes}
+            "max_segment_bytes": meta.max_segment_bytes, "serializer": meta.serializer}
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(body, f)
         f.write("\n")
