@@ -5,12 +5,22 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, overload
 
-from .errors import ClosedError, CorruptionError, Error, FormatError, LockTimeout, ReadOnlyError
+from .errors import (
+    ClosedError,
+    CompactedError,
+    CorruptionError,
+    Error,
+    FormatError,
+    LockTimeout,
+    ReadOnlyError,
+)
 from .recovery import Report, repair, verify
 from .store import Store, Transaction
+from .watch import Change
 
 __all__ = ["Store", "Transaction", "open", "RedisURL", "Error", "FormatError", "CorruptionError",
-           "ClosedError", "LockTimeout", "ReadOnlyError", "repair", "verify", "Report"]
+           "ClosedError", "LockTimeout", "ReadOnlyError", "CompactedError", "Change", "repair",
+           "verify", "Report"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:

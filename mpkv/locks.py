@@ -14,6 +14,7 @@ import os
 import time
 
 from .errors import LockTimeout
+from .files import open_regular
 
 
 class WriterLock:
@@ -23,7 +24,7 @@ class WriterLock:
     def __init__(self, path: str, timeout: float | None) -> None:
         self.path = path
         self.timeout = timeout
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_regular(path, os.O_RDWR | os.O_CREAT)
         self.depth = 0
 
     def acquire(self) -> None:

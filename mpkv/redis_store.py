@@ -53,10 +53,19 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import snapshot
 from .codec import Op, Value
-from .errors import ClosedError, Error, FormatError, LockTimeout, ReadOnlyError
+from .errors import (
+    ClosedError,
+    CompactedError,
+    CorruptionError,
+    Error,
+    FormatError,
+    LockTimeout,
+    ReadOnlyError,
+)
 from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint
 from .serializer import serializer_for
 from .store import _check_options, _fork_epoch
+from .watch import Change, check_prefix, check_timeout
 
 SCHEMES = ("redis://", "rediss://", "unix://")
 DEFAULT_NAMESPACE = "default"
@@ -187,6 +196,20 @@ def _dec_value(raw: bytes) -> Value:
     raise FormatError(f"not an mpkv value (no type tag): {raw[:20]!r}")
 
 
+def _token(commit: int, index: int) -> str:
+    """A stream id as a position that sorts as a string (docs/scale-out.md)."""
+    return f"{commit:020d}-{index:020d}"
+
+
+def _parse_token(token: object) -> tuple[int, int]:
+    commit, _, index = token.partition("-") if isinstance(token, str) else ("", "", "")
+    if len(commit) != 20 or len(index) != 20 or not (commit + index).isdigit() \
+            or int(index) > _MAX_SUB:
+        raise ValueError(f"since: not a position of a Redis store: {token!r} (expected a "
+                         "token from Change.position or store.position())")
+    return int(commit), int(index)
+
+
 def _parse_id(entry_id: bytes) -> tuple[int, int]:
     commit, _, index = entry_id.partition(b"-")
     return int(commit), int(index)
@@ -196,7 +219,8 @@ def _parse_url(url: str) -> tuple[str, str, str]:
     """Split off mpkv's query parameter: (url for redis-py, namespace, address shown in
     messages, without credentials)."""
     if not url.startswith(SCHEMES):
-        raise RedisURLError(f"{url!r}: a Redis URL starts with redis://, rediss:// or unix://")
+        raise RedisURLError(f"{_redact(url)!r}: a Redis URL starts with redis://, rediss:// "
+                            "or unix://")
     try:
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
@@ -231,12 +255,22 @@ def _parse_url(url: str) -> tuple[str, str, str]:
     return clean, namespace, address
 
 
+#: Query parameters whose value is a credential: never shown in a message.
+_SECRET_PARAMS = ("password", "pass", "passwd", "token", "secret", "auth", "username", "user")
+
+
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, ""))
+    """``url`` fit for an error message: user info and credential parameters masked."""
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[-1]
+    clean = [(n, "***" if n.lower() in _SECRET_PARAMS else v) for n, v in query]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(clean, safe="*"), ""))
 
 
 class RedisStore(StoreMapping):
@@ -378,11 +412,20 @@ class RedisStore(StoreMapping):
         if wanted is not None and wanted != self.serializer:
             raise ValueError(f"{self.path}: the namespace's serializer is "
                              f"{self.serializer!r}, not {wanted!r}")
-        self._seen = int(seq or 0)
+        self._seen = self._seq_value(seq)
         if self.max_staleness != 0:
             self._reload()
 
     # --- errors -----------------------------------------------------------------------
+
+    def _seq_value(self, raw: bytes | None) -> int:
+        """The commit counter, which another client of the server could have overwritten."""
+        try:
+            return int(raw or 0)
+        except ValueError:
+            shown = (raw or b"")[:40]
+            raise CorruptionError(f"{self.path}: key {self._seq.decode()!r} holds {shown!r}, "
+                                  "not a commit count") from None
 
     def _fail(self, exc: redis.RedisError, doing: str) -> Error:
         """One clear mpkv error naming the server for anything redis-py raises."""
@@ -532,7 +575,7 @@ class RedisStore(StoreMapping):
         if self._view is not None:
             with self._view_mutex:
                 return self._pull()
-        seq = int(self._read("GET", self._seq) or 0)
+        seq = self._seq_value(self._read("GET", self._seq))
         applied, self._seen = max(seq - self._seen, 0), seq
         return applied
 
@@ -549,7 +592,7 @@ class RedisStore(StoreMapping):
         view = {k.decode("utf-8"): _dec_value(v) for k, v in raw.items()}
         with self._view_mutex:
             old = self._view_seq
-            self._view, self._view_seq = view, int(seq or 0)
+            self._view, self._view_seq = view, self._seq_value(seq)
             self._last_refresh = started
         return max(self._view_seq - old, 0)
 
@@ -566,7 +609,7 @@ class RedisStore(StoreMapping):
                 pipe.get(self._seq)
                 pipe.xread({self._log: f"{last[0]}-{last[1]}"}, count=10_000)
                 seq_raw, reply = pipe.execute()
-                seq = int(seq_raw or 0)
+                seq = self._seq_value(seq_raw)
                 if seq < self._view_seq:
                     return self._reload()
                 entries = reply[0][1] if reply else []
@@ -779,7 +822,7 @@ class RedisStore(StoreMapping):
 
     def serialize(self, file_path: str | os.PathLike[str]) -> None:
         """Write the current state (one atomic HGETALL) to one file, atomically."""
-        snapshot.write_atomically(os.fspath(file_path), snapshot.encode(self._server_items()))
+        snapshot.write(os.fspath(file_path), snapshot.encode(self._server_items()))
 
     def _server_items(self) -> dict[str, Value]:
         self._check()
@@ -817,17 +860,41 @@ class RedisStore(StoreMapping):
         self._writable()
         return {}
 
-    def watch(self, prefix: str = "", *,
-              timeout: float | None = None) -> Iterator[tuple[str, Value | None]]:
-        """Yield ``(key, value)`` (None for a delete) for every change committed by any
-        client after this call, in commit order; stop after ``timeout`` idle seconds."""
+    def watch(self, prefix: str = "", *, since: str | None = None,
+              timeout: float | None = None) -> Iterator[Change]:
+        """An iterator of :class:`Change` for every change committed by any client after
+        this call (or after position ``since``), in commit order; it ends after
+        ``timeout`` idle seconds. Positions are the stream ids, zero-padded
+        (``CCCCCCCCCCCCCCCCCCCC-IIIIIIIIIIIIIIIIIIII``: commit, index in it). CompactedError
+        when the stream was trimmed (``stream_maxlen``) past ``since`` -- raised by the
+        first ``next()``, or later if the watcher falls that far behind."""
         self._check()
-        start = int(self._read("GET", self._seq) or 0)
+        prefix = check_prefix(prefix)
+        timeout = check_timeout(timeout)
+        if since is None:
+            start = (self._seq_value(self._read("GET", self._seq)), _MAX_SUB)
+        else:
+            start = _parse_token(since)
         return self._watching(start, prefix, timeout)
 
-    def _watching(self, start: int, prefix: str,
-                  timeout: float | None) -> Iterator[tuple[str, Value | None]]:
-        last = (start, _MAX_SUB)
+    def position(self) -> str:
+        """The position of the last change applied: the newest stream entry (with
+        ``max_staleness != 0``, the newest one the local view has applied)."""
+        self._check()
+        upto = "+"
+        if self._view is not None:
+            self._fresh()
+            upto = f"{self._view_seq}-{_MAX_SUB}"
+        last = self._read("XREVRANGE", self._log, upto, "-", "COUNT", 1)
+        if last:
+            return _token(*_parse_id(last[0][0]))
+        seq = self._view_seq if self._view is not None else \
+            self._seq_value(self._read("GET", self._seq))
+        return _token(seq, _MAX_SUB)
+
+    def _watching(self, start: tuple[int, int], prefix: str,
+                  timeout: float | None) -> Iterator[Change]:
+        last = start
         idle_since = time.monotonic()
         while not self.closed:
             left = None if timeout is None else timeout - (time.monotonic() - idle_since)
@@ -845,14 +912,16 @@ class RedisStore(StoreMapping):
             for entry_id, fields in entries:
                 now = _parse_id(entry_id)
                 if now != (last[0], last[1] + 1) and now != (last[0] + 1, 0):
-                    raise Error(f"{self.path}: watch fell behind: changes after commit "
-                                f"{last[0]} were trimmed from the stream (stream_maxlen="
-                                f"{self.stream_maxlen})")
+                    raise CompactedError(
+                        f"{self.path}: changes after position {_token(*last)} were trimmed "
+                        f"from the stream (stream_maxlen={self.stream_maxlen}); reread the "
+                        "state and watch from a fresh position")
                 last = now
                 key = fields[b"k"].decode("utf-8")
                 if key.startswith(prefix):
-                    value = fields.get(b"v")
-                    yield key, None if value is None else _dec_value(value)
+                    raw = fields.get(b"v")
+                    value = None if raw is None else self._serializer.decode(_dec_value(raw))
+                    yield Change(key, value, deleted=raw is None, position=_token(*now))
                     idle_since = time.monotonic()
             if not entries and left is not None and left <= 0:
                 return

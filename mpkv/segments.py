@@ -9,14 +9,30 @@ so no other file can be taken for a segment. See docs/format.md and docs/protoco
 
 from __future__ import annotations
 
+import bisect
 import fcntl
+import itertools
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 
-from .codec import Batch, Codec, Op, codec_for, ops_of
+from .codec import (
+    HEADER,
+    RECORD_OPS,
+    RECORD_OPS_MORE,
+    RECORD_PACKED,
+    Batch,
+    Codec,
+    Op,
+    Puts,
+    codec_for,
+    ops_of,
+)
 from .errors import CorruptionError, Error, FormatError
+from .files import check_dir, make_dir, open_dir, open_regular, read_capped, write_temp
+from .files import fsync_dir as fsync_dir
 
 AUX = ".mpkv"
 META = "meta"
@@ -25,11 +41,16 @@ SHM = "shm"
 READERS = "readers"
 INTENT = "txn"
 DIRLOCK = "dirlock"  # shared: listing + opening a segment; exclusive: compaction's switch
-SWITCH = "compacted"  # "b": compaction b's outputs are all in place; its inputs go
+SWITCH = "compacted"  # a committed compaction switch (``Switch``): its inputs go
 RETAINED = "retained"  # compacted inputs a live watcher has not read yet
+HORIZON = "horizon"  # "b S O N": the last unit compaction b removed (watch positions)
+QUARANTINE = "quarantine"  # damaged bytes repair moved aside
 MAGIC = "mpkv"
 VERSION = 1
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
+#: Largest side file (meta, txn, compacted, a readers entry) mpkv reads: they hold a few
+#: dozen bytes, and one that a link or a stray writer made huge must not fill memory.
+SIDE_FILE_CAP = 4096
 
 _NAME = re.compile(r"^(\d{12})(?:\.(\d{4}))?\.seg$")
 
@@ -51,18 +72,160 @@ def list_segments(path: str) -> list[str]:
     return sorted(n for n in os.listdir(path) if _NAME.match(n))
 
 
-def list_log(path: str) -> list[str]:
-    """The segments that make up the log, in order. After a compaction recorded its
-    switch (all outputs in place), the inputs it replaced no longer count, even if a
-    crash left some behind (docs/compaction.md)."""
-    names = list_segments(path)
+#: The most bytes ``.mpkv/compacted`` can hold (9999 parts of a few dozen bytes each).
+SWITCH_MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A committed compaction switch, as ``.mpkv/compacted`` records it: compaction
+    ``number``'s outputs ``number.0001 ... number.K`` are all in place, with these
+    ``(size, CRC-32)``; its inputs no longer count."""
+
+    number: int
+    parts: tuple[tuple[int, int], ...]
+
+    def encode(self) -> bytes:
+        body = f"{self.number} {len(self.parts)}\n" + "".join(
+            f"{size} {crc:08x}\n" for size, crc in self.parts)
+        return (body + f"{zlib.crc32(body.encode('ascii')):08x}\n").encode("ascii")
+
+
+def _parse_switch(data: bytes) -> Switch | None:
+    """The switch ``data`` records, None unless it is exactly the layout ``encode``
+    writes with a matching checksum (a torn, stray or hand-written file is not one)."""
     try:
-        with open(os.path.join(path, AUX, SWITCH), encoding="ascii") as f:
-            switched = int(f.read())
-    except (FileNotFoundError, ValueError):
-        return names
-    first = segment_name(switched, 1)
-    return [n for n in names if n >= first and n != segment_name(switched)]
+        lines = data.decode("ascii").split("\n")
+        if lines[-1] != "" or len(lines) < 4:
+            return None
+        body = "".join(line + "\n" for line in lines[:-2])
+        check = lines[-2]
+        if len(check) != 8 or int(check, 16) != zlib.crc32(body.encode("ascii")):
+            return None
+        number, count = (int(x) for x in lines[0].split(" "))
+        parts = []
+        for line in lines[1:-2]:
+            size, crc = line.split(" ")
+            parts.append((int(size), int(crc, 16)))
+    except ValueError:
+        return None
+    switch = Switch(number, tuple(parts))
+    if count != len(parts) or not 1 <= count <= 9999 or switch.encode() != data:
+        return None
+    return switch
+
+
+def read_switch(path: str, names: list[str] | None = None) -> Switch | None:
+    """The committed switch ``.mpkv/compacted`` records, None when there is none.
+
+    The marker is checked against the files, never obeyed blindly: it must parse with
+    its own checksum, and every output it announces must be present (in ``names``, the
+    directory's segments) with the recorded size, and no further part. Anything else is
+    damage: CorruptionError naming the marker. (``check_switch`` also compares the
+    outputs' checksums; that reads them, so only compaction and verify do it.)"""
+    file = os.path.join(path, AUX, SWITCH)
+    try:
+        data = read_capped(file, SWITCH_MAX_BYTES)
+    except (OSError, FormatError) as exc:
+        raise CorruptionError(f"{file}: unreadable compaction marker: {exc}", file, 0) from None
+    if data is None:
+        return None
+    switch = _parse_switch(data)
+    if switch is None:
+        raise CorruptionError(f"{file}: not a valid compaction marker ({len(data)} bytes): "
+                              "a stray or damaged file; run mpkv repair", file, 0)
+    present = set(list_segments(path) if names is None else names)
+    for k, (size, _) in enumerate(switch.parts, start=1):
+        part = os.path.join(path, segment_name(switch.number, k))
+        try:
+            actual = os.stat(part).st_size if segment_name(switch.number, k) in present else -1
+        except FileNotFoundError:
+            actual = -1
+        if actual != size:
+            found = "missing" if actual < 0 else f"{actual} bytes"
+            raise CorruptionError(f"{file}: the compaction marker announces {part} of {size} "
+                                  f"bytes, but it is {found}; run mpkv repair", file, 0)
+    extra = segment_name(switch.number, len(switch.parts) + 1)
+    if extra in present:
+        raise CorruptionError(f"{file}: the compaction marker announces "
+                              f"{len(switch.parts)} outputs, but {extra} exists too; "
+                              "run mpkv repair", file, 0)
+    return switch
+
+
+def check_switch(path: str, switch: Switch) -> None:
+    """Compare the outputs' contents with the checksums the marker recorded: required
+    before anything is deleted on the marker's word. CorruptionError when one differs."""
+    file = os.path.join(path, AUX, SWITCH)
+    for k, (_, crc) in enumerate(switch.parts, start=1):
+        part = os.path.join(path, segment_name(switch.number, k))
+        if file_crc(part) != crc:
+            raise CorruptionError(f"{file}: {part} does not match the checksum the compaction "
+                                  "marker recorded; run mpkv repair", file, 0)
+
+
+def file_crc(file: str) -> int:
+    crc = 0
+    with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def log_of(path: str, names: list[str], switch: Switch | None) -> list[str]:
+    """The segments among ``names`` that make up the log, in order.
+
+    After a committed switch (``switch``), the inputs it replaced no longer count, even
+    if a crash left some behind. Outputs of a compaction whose switch is not committed
+    (its segment ``b`` is still there) do not count: they only repeat what the inputs
+    say, and may be incomplete."""
+    if switch is not None:
+        first = segment_name(switch.number, 1)
+        names = [n for n in names if n >= first and n != segment_name(switch.number)]
+    present = set(names)
+    out = []
+    for name in names:
+        number, part = parse_name(name)  # type: ignore[misc]
+        if part == 0 or segment_name(number) not in present:
+            out.append(name)
+    return out
+
+
+def log_gap(names: list[str]) -> tuple[str | None, str] | None:
+    """Where the log ``names`` is not contiguous: ``(before, after)`` around the first
+    gap (``before`` None when the log does not start at segment 1 or at the first part
+    of a compaction output), None when it is whole."""
+    if not names:
+        return None
+    first = parse_name(names[0])
+    if first is None or first[1] > 1 or (first[1] == 0 and first[0] != 1):
+        return None, names[0]
+    for prev, nxt in itertools.pairwise(names):
+        if not follows(prev, nxt):
+            return prev, nxt
+    return None
+
+
+def gap_message(path: str, gap: tuple[str | None, str]) -> str:
+    before, after = gap
+    if before is None:
+        return (f"{path}: the log starts at {after}: the segments before it are missing "
+                "(their records are lost); run mpkv repair")
+    return (f"{path}: segments missing between {before} and {after} (their records are "
+            "lost); run mpkv repair")
+
+
+def list_log(path: str) -> list[str]:
+    """The segments that make up the log, in order (``log_of``), listing the directory
+    once. CorruptionError when the compaction marker does not check out or when
+    segments are missing from the log (a gap)."""
+    names = list_segments(path)
+    log = log_of(path, names, read_switch(path, names))
+    gap = log_gap(log)
+    if gap is not None:
+        after = os.path.join(path, gap[1])
+        raise CorruptionError(gap_message(path, gap), after, 0)
+    return log
 
 
 def follows(prev: str, nxt: str) -> bool:
@@ -77,14 +240,6 @@ def follows(prev: str, nxt: str) -> bool:
     if np_ == 0:
         return nm == pm + 1
     return pp != 0 and nm == pm and np_ == pp + 1
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- metadata -------------------------------------------------------------------
@@ -105,18 +260,19 @@ def read_meta(path: str) -> Meta | None:
     """The store's metadata, None when the file does not exist (yet)."""
     file = os.path.join(path, AUX, META)
     try:
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
+        data = read_capped(file, SIDE_FILE_CAP)
+        if data is None:
+            return None
+        raw = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
         raise FormatError(f"{file}: unreadable store metadata: {exc}") from None
     if not isinstance(raw, dict) or raw.get("magic") != MAGIC:
         raise FormatError(f"{file}: not mpkv metadata (bad magic)")
     if raw.get("version") != VERSION:
         raise FormatError(f"{file}: unsupported format version {raw.get('version')!r}")
     fmt, limit = raw.get("format"), raw.get("max_segment_bytes")
-    if fmt not in ("binary", "text") or not isinstance(limit, int) or limit < 1:
+    if (fmt not in ("binary", "text") or not isinstance(limit, int)
+            or isinstance(limit, bool) or limit < 1):
         raise FormatError(f"{file}: bad format {fmt!r} or max_segment_bytes {limit!r}")
     serializer = raw.get("serializer", "raw")
     if serializer not in ("raw", "json"):
@@ -124,8 +280,54 @@ def read_meta(path: str) -> Meta | None:
     return Meta(fmt, limit, serializer)
 
 
+_SNIFF_CAP = 1 << 20
+
+
+def written_format(path: str) -> tuple[str, str] | None:
+    """``(format, file)``: the format the log's first record is written in, judged from
+    its bytes, or None when no segment holds a recognisable first record. A binary
+    record is recognised by its checksum, a text one by ``P|``/``D|``; so metadata that
+    names the wrong format (edited, or lost and recreated) is caught before any writer
+    takes the other format's records for a torn tail and truncates them."""
+    for name in list_segments(path):  # any segment will do: no need to judge the log
+        file = os.path.join(path, name)
+        try:
+            fd = open_regular(file, os.O_RDONLY)
+        except FileNotFoundError:  # compacted away meanwhile
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, HEADER.size, 0)
+            if len(head) < 2:
+                continue
+            crc, length, kind = HEADER.unpack(head) if len(head) == HEADER.size else (0, 0, 0)
+            text = head[:2] in (b"P|", b"D|")
+            if kind in (RECORD_OPS, RECORD_OPS_MORE, RECORD_PACKED) and (
+                    HEADER.size + length <= size):
+                if length > _SNIFF_CAP:  # too big to checksum at every open
+                    return ("text" if text else "binary"), file
+                record = os.pread(fd, HEADER.size + length, 0)
+                if zlib.crc32(record[4:]) == crc:
+                    return "binary", file
+            return ("text", file) if text else None
+        finally:
+            os.close(fd)
+    return None
+
+
+def check_written(path: str, fmt: str, source: str) -> None:
+    """FormatError when the segments are written in another format than ``fmt``
+    (which ``source`` says); nothing is written before this check."""
+    written = written_format(path)
+    if written is not None and written[0] != fmt:
+        raise FormatError(f"{written[1]}: holds {written[0]} records, but {source} says "
+                          f"{fmt!r}; refusing to open (a writer would truncate them)")
+
+
 def check_store_dir(path: str) -> bool:
-    """Raise FormatError unless ``path`` can hold a store; True when it exists."""
+    """Raise FormatError unless ``path`` can hold a store; True when it exists.
+    ``.mpkv`` and its folders must be real directories, never links: files mpkv
+    creates, truncates or deletes in them must stay inside the store."""
     if not os.path.exists(path):
         return False
     if not os.path.isdir(path):
@@ -133,6 +335,10 @@ def check_store_dir(path: str) -> bool:
     entries = os.listdir(path)
     if entries and AUX not in entries:
         raise FormatError(f"{path}: a non-empty directory that is not an mpkv store")
+    aux = os.path.join(path, AUX)
+    if check_dir(aux):
+        for folder in (READERS, RETAINED, QUARANTINE):
+            check_dir(os.path.join(aux, folder))
     return True
 
 
@@ -143,15 +349,10 @@ def create_meta(path: str, meta: Meta) -> Meta:
     fails if the name exists, so racing creators agree on exactly one metadata file.
     """
     aux = os.path.join(path, AUX)
-    os.makedirs(aux, exist_ok=True)
-    tmp = os.path.join(aux, f"meta.tmp.{os.getpid()}.{id(meta)}")
+    make_dir(aux)
     body = {"magic": MAGIC, "version": VERSION, "format": meta.format,
             "max_segment_bytes": meta.max_segment_bytes, "serializer": meta.serializer}
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(body, f)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = write_temp(aux, "meta.tmp.", (json.dumps(body) + "\n").encode("utf-8"))
     try:
         os.link(tmp, os.path.join(aux, META))
         fsync_dir(aux)
@@ -176,24 +377,23 @@ def create_meta(path: str, meta: Meta) -> Meta:
 def write_intent(path: str, number: int, offset: int, durable: bool) -> None:
     """Written whole then renamed into place: a reader never sees half a position."""
     aux = os.path.join(path, AUX)
-    tmp = os.path.join(aux, f"{INTENT}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(f"{number} {offset}\n")
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(aux, INTENT))
+    tmp = write_temp(aux, f"{INTENT}.", f"{number} {offset}\n".encode("ascii"), durable)
+    try:
+        os.replace(tmp, os.path.join(aux, INTENT))
+    except BaseException:
+        os.unlink(tmp)
+        raise
     if durable:
         fsync_dir(aux)
 
 
 def read_intent(path: str) -> tuple[int, int] | None:
-    try:
-        with open(os.path.join(path, AUX, INTENT), encoding="ascii") as f:
-            number, offset = f.read().split()
-        return int(number), int(offset)
-    except FileNotFoundError:
+    data = read_capped(os.path.join(path, AUX, INTENT), SIDE_FILE_CAP)
+    if data is None:
         return None
+    try:
+        number, offset = data.split()
+        return int(number), int(offset)
     except ValueError:  # the intent file itself was cut short: its commit wrote nothing
         return None
 
@@ -206,13 +406,19 @@ def clear_intent(path: str) -> None:
 
 
 def truncate_log(path: str, number: int, offset: int) -> None:
-    """Cut the log at ``offset`` of segment ``number``: later segments are deleted."""
-    for name in list_segments(path):
+    """Cut the log at ``offset`` of segment ``number``: later segments are deleted, the
+    newest first, so that a reader listing meanwhile never sees a gap. (Unlinking a
+    name never follows a link; the truncated file is opened without.)"""
+    for name in reversed(list_segments(path)):
         major = parse_name(name)[0]  # type: ignore[index]
         if major > number:
             os.unlink(os.path.join(path, name))
         elif major == number and name == segment_name(number):
-            os.truncate(os.path.join(path, name), offset)
+            fd = open_regular(os.path.join(path, name), os.O_WRONLY)
+            try:
+                os.ftruncate(fd, offset)
+            finally:
+                os.close(fd)
     fsync_dir(path)
 
 
@@ -224,11 +430,13 @@ def truncate_log(path: str, number: int, offset: int) -> None:
 
 def register_reader(path: str, token: str, number: int) -> None:
     folder = os.path.join(path, AUX, READERS)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{token}.tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(str(number))
-    os.replace(tmp, os.path.join(folder, token))
+    make_dir(folder)
+    tmp = write_temp(folder, f".{token}.", str(number).encode("ascii"), durable=False)
+    try:
+        os.replace(tmp, os.path.join(folder, token))
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def unregister_reader(path: str, token: str) -> None:
@@ -238,26 +446,55 @@ def unregister_reader(path: str, token: str) -> None:
         pass
 
 
+def read_horizon(path: str) -> tuple[int, UnitPos] | None:
+    """``(b, last unit)`` of the latest compaction, None when unknown or unreadable."""
+    try:
+        data = read_capped(os.path.join(path, AUX, HORIZON), 100)
+        if data is None:
+            return None
+        b, segment, offset, count = (int(x) for x in data.split())
+    except (OSError, ValueError, FormatError):  # unknown: resuming is refused, not guessed
+        return None
+    return b, (segment, offset, count)
+
+
 def oldest_needed(path: str) -> int | None:
-    """The oldest segment number a live registered reader still needs."""
+    """The oldest segment number a live registered reader still needs. Entries that
+    are not ``<pid>-<id>`` holding a number are not mpkv's and are ignored; the folder
+    is used through a descriptor, so nothing outside it is ever deleted."""
     folder = os.path.join(path, AUX, READERS)
+    try:
+        fd = open_dir(folder)
+    except FileNotFoundError:
+        return None
     numbers = []
-    for token in os.listdir(folder) if os.path.isdir(folder) else []:
-        if token.startswith("."):
-            continue
-        pid = int(token.split("-")[0])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:  # that reader died: forget it
-            unregister_reader(path, token)
-            continue
-        except PermissionError:
-            pass
-        try:
-            with open(os.path.join(folder, token), encoding="ascii") as f:
-                numbers.append(int(f.read()))
-        except (FileNotFoundError, ValueError):
-            continue
+    try:
+        for token in os.listdir(fd):
+            pid_text = token.split("-")[0]
+            if token.startswith(".") or not pid_text.isdigit() or "-" not in token:
+                continue
+            try:
+                os.kill(int(pid_text), 0)
+            except ProcessLookupError:  # that reader died: forget it
+                try:
+                    os.unlink(token, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                continue
+            except (PermissionError, OverflowError):
+                pass
+            try:
+                entry = os.open(token, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+            except OSError:  # gone meanwhile, or a link or special file: not a reader's
+                continue
+            try:
+                numbers.append(int(os.pread(entry, SIDE_FILE_CAP, 0)))
+            except (OSError, ValueError):
+                continue
+            finally:
+                os.close(entry)
+    finally:
+        os.close(fd)
     return min(numbers, default=None)
 
 
@@ -270,6 +507,12 @@ class NeedReload(Exception):
 
 #: Where a reader must stop: ``(segment number, end offset)``; end None means "to EOF".
 Limit = tuple[int, "int | None"]
+#: Where an atomic unit starts: ``(segment number, compaction part, byte offset)``.
+Start = tuple[int, int, int]
+#: The last unit a cursor applied: ``(segment number, start offset, number of ops)``;
+#: ``(N, 0, 0)`` when it applied none since the start of segment N (docs/protocol.md,
+#: "Positions").
+UnitPos = tuple[int, int, int]
 
 
 def _beyond(name: str, limit: Limit | None) -> bool:
@@ -300,55 +543,111 @@ class Cursor:
         self.units = 0  # size of the current segment in the limit's units
         self.number = 0  # the current segment's number (0: none yet)
         self.part = 0  # and its compaction part (0: an appended segment)
+        self.position: UnitPos = (1, 0, 0)  # the last unit read (or appended by the owner)
+        # The log's names (and their folders) as listed once in the current ``read``:
+        # one listing per tail step, not one per segment. None: not listed yet.
+        self._listing: list[tuple[str, str]] | None = None
 
     def _enter(self, name: str, folder: str, fd: int) -> None:
         self.close()
         self.name, self.folder, self.fd, self.offset, self.units = name, folder, fd, 0, 0
         self.number, self.part = parse_name(name)  # type: ignore[misc]
+        if self.part:  # the state as of the end of segment `number`: before number + 1
+            self.position = max(self.position, (self.number + 1, 0, 0))
 
-    def _open(self, folder: str, name: str, flags: int = 0) -> int:
-        mode = os.O_RDWR if self.writable else os.O_RDONLY
-        try:
-            return os.open(os.path.join(folder, name), mode | flags, 0o644)
-        except FileNotFoundError:
-            raise NeedReload from None
-
-    def _next(self) -> tuple[str, str, int] | None:
-        """The segment to read after this one, opened: ``(name, folder, fd)``.
-
-        Listing and opening hold the directory lock shared, so a compaction's switch
-        (exclusive) is seen whole or not at all. The first later name that continues the
-        log (see ``follows``) is taken: ``N+1`` before a compaction's outputs, so a watcher
-        sees every change once. NeedReload when later names exist but none continues."""
+    def seek(self, number: int, offset: int) -> bool:
+        """Start at ``offset`` of appended segment ``number`` (in the log or, with
+        ``retained``, in .mpkv/retained/); False when no such segment exists."""
+        name = segment_name(number)
         if self.dirlock is not None:
             fcntl.flock(self.dirlock, fcntl.LOCK_SH)
         try:
-            later = [(n, self.path) for n in list_log(self.path)
-                     if self.name is None or n > self.name]
-            kept = os.path.join(self.path, AUX, RETAINED)
-            if self.retained and os.path.isdir(kept):
-                later = sorted(later + [(n, kept) for n in list_segments(kept)
-                                        if self.name is None or n > self.name])
-            if not later:
-                return None
-            for name, folder in later if self.name is not None else later[:1]:
-                if self.name is None or follows(self.name, name):
-                    return name, folder, self._open(folder, name)
-            raise NeedReload
+            folders = [self.path, os.path.join(self.path, AUX, RETAINED)]
+            for folder in folders[:2 if self.retained else 1]:
+                if folder == self.path and name not in list_log(self.path):
+                    continue
+                try:
+                    fd = self._open(folder, name)
+                except NeedReload:
+                    continue
+                self._enter(name, folder, fd)
+                self.offset = offset
+                return True
+            return False
         finally:
             if self.dirlock is not None:
                 fcntl.flock(self.dirlock, fcntl.LOCK_UN)
 
-    def read(self, limit: Limit | None) -> tuple[list[Batch], int | None]:
+    def _open(self, folder: str, name: str, flags: int = 0) -> int:
+        mode = os.O_RDWR if self.writable else os.O_RDONLY
+        try:
+            return open_regular(os.path.join(folder, name), mode | flags)
+        except FileNotFoundError:
+            raise NeedReload from None
+
+    def _list(self) -> list[tuple[str, str]]:
+        """The log's segments, and retained ones for a watcher, in name order.
+
+        Listing holds the directory lock shared, so a compaction's switch (exclusive) is
+        seen whole or not at all."""
+        if self.dirlock is not None:
+            fcntl.flock(self.dirlock, fcntl.LOCK_SH)
+        try:
+            names = [(n, self.path) for n in list_log(self.path)]
+            kept = os.path.join(self.path, AUX, RETAINED)
+            if self.retained and os.path.isdir(kept):
+                names = sorted(names + [(n, kept) for n in list_segments(kept)])
+            return names
+        finally:
+            if self.dirlock is not None:
+                fcntl.flock(self.dirlock, fcntl.LOCK_UN)
+
+    def _next(self) -> tuple[str, str, int] | None:
+        """The segment to read after this one, opened: ``(name, folder, fd)``.
+
+        The first later name that continues the log (see ``follows``) is taken: ``N+1``
+        before a compaction's outputs, so a watcher sees every change once. Names come
+        from the listing of this tail step; when the one to take has gone since (a
+        compaction's switch: deleted, or moved to ``.mpkv/retained/``), or none continues,
+        the directory is listed again once. NeedReload when later names exist but none
+        continues."""
+        fresh = self._listing is None
+        while True:
+            if self._listing is None:
+                self._listing = self._list()
+            start = 0 if self.name is None else bisect.bisect_right(self._listing,
+                                                                    (self.name, "\uffff"))
+            later = self._listing[start:]
+            if not later:
+                return None
+            for name, folder in later if self.name is not None else later[:1]:
+                if self.name is None or follows(self.name, name):
+                    try:
+                        return name, folder, self._open(folder, name)
+                    except NeedReload:
+                        if fresh:
+                            raise
+                    break
+            else:
+                if fresh:
+                    raise NeedReload
+            self._listing, fresh = None, True
+
+    def read(self, limit: Limit | None, starts: list[Start] | None = None
+             ) -> tuple[list[Batch], int | None]:
         """Decode what follows the cursor, up to ``limit``; return the complete atomic
         units and, when the log ends in a torn record or an unfinished unit, the offset
-        (in the cursor's segment) where the torn part starts.
+        (in the cursor's segment) where the torn part starts. ``starts`` (when given)
+        receives where each returned unit starts, for positions.
 
         A unit may span segments; until its last record is read the cursor stays at its
         start, so an unfinished unit is read again, whole, next time."""
+        self._listing = None  # a new tail step lists the directory (at most) once
         batches: list[Batch] = []
         pending: list[Op] = []  # ops of a unit whose last record is not read yet
         mark = (self.name, self.folder, self.offset, self.units)  # where that unit starts
+        inside = False  # the last record read continues its unit
+        begun: Start = (self.number, self.part, self.offset)  # where that unit started
         while True:
             if self.name is None:
                 first = self._next()
@@ -370,11 +669,20 @@ class Cursor:
             dec = self.codec.decode(data)
             for ops, end, units, more in zip(dec.batches, dec.ends, dec.units, dec.more,
                                              strict=True):
+                if not inside:
+                    begun = (self.number, self.part, self.offset)
+                inside = more
                 if more:
                     pending += ops_of(ops)
                 else:
-                    batches.append(pending + ops_of(ops) if pending else ops)
+                    batch = pending + ops_of(ops) if pending else ops
+                    batches.append(batch)
                     pending = []
+                    if starts is not None:
+                        starts.append(begun)
+                    if not begun[1]:
+                        self.position = (begun[0], begun[2], len(batch.keys)
+                                         if isinstance(batch, Puts) else len(batch))
                 self.offset = start + end
                 self.units += units
                 if not more:
@@ -414,7 +722,7 @@ class Cursor:
         """Cut a torn tail so the next record starts on a clean boundary: the rest of
         this segment and any later segment (holding the rest of an unfinished unit)."""
         later = [n for n in list_segments(self.path) if self.name and n > self.name]
-        for name in later:
+        for name in reversed(later):  # newest first: a reader listing never sees a gap
             os.unlink(os.path.join(self.path, name))
         if later:
             fsync_dir(self.path)

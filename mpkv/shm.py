@@ -14,6 +14,8 @@ import os
 import time
 import zlib
 
+from .files import open_regular
+
 MAGIC = 0x314D48534B56504D  # b"MPVKSHM1" as a little-endian integer
 SIZE = 64
 # Slots of unsigned 64-bit integers.
@@ -41,7 +43,7 @@ class SharedState:
         #: state is missing): then nothing signals changes and readers must look.
         self.backed = False
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY, 0o644)
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY)
         except FileNotFoundError:
             self.slots = memoryview(bytearray(SIZE)).cast("Q")  # no file: never trusted
             return

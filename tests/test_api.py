@@ -152,10 +152,9 @@ def test_json_store_refuses_what_json_cannot_encode_and_writes_nothing(
             s.put("k", value)
         with pytest.raises((TypeError, ValueError)):
             s.update({"ok": 1, "k": value})
-        with pytest.raises((TypeError, ValueError)):
-            with s.transaction() as tx:
-                tx["ok"] = 1
-                tx["k"] = value
+        with pytest.raises((TypeError, ValueError)), s.transaction() as tx:
+            tx["ok"] = 1
+            tx["k"] = value
     assert dict(s.items()) == {"keep": 1}
     assert dict(opener().items()) == {"keep": 1}
 
@@ -355,9 +354,8 @@ def test_using_tx_after_its_block_raises_closederror(opener: Opener) -> None:
     for use in uses:
         with pytest.raises(mpkv.ClosedError):
             use()
-    with pytest.raises(RuntimeError):
-        with s.transaction() as failed:
-            raise RuntimeError
+    with pytest.raises(RuntimeError), s.transaction() as failed:
+        raise RuntimeError
     with pytest.raises(mpkv.ClosedError):
         failed["x"] = "1"
     assert dict(s.items()) == {"a": "1"} and "closed" in repr(tx)
@@ -392,11 +390,10 @@ def test_nested_transaction_is_a_savepoint(opener: Opener) -> None:
             assert inner["a"] == "1"  # sees the outer block's writes
             inner["b"] = "2"
         assert outer["b"] == "2"
-        with pytest.raises(KeyError):
-            with s.transaction() as failing:
-                failing["c"] = "3"
-                del failing["a"]
-                raise KeyError("boom")
+        with pytest.raises(KeyError), s.transaction() as failing:
+            failing["c"] = "3"
+            del failing["a"]
+            raise KeyError("boom")
         assert outer.get("c") is None and outer["a"] == "1"  # only its own writes dropped
         assert other.get("a") is None and other.get("b") is None  # nothing committed yet
     assert dict(other.items()) == {"a": "1", "b": "2"}
@@ -404,23 +401,21 @@ def test_nested_transaction_is_a_savepoint(opener: Opener) -> None:
 
 def test_an_aborted_outer_block_drops_the_inner_blocks_writes(opener: Opener) -> None:
     s = opener()
-    with pytest.raises(ValueError):
-        with s.transaction() as outer:
-            outer["a"] = "1"
-            with s.transaction() as inner:
-                inner["b"] = "2"
-            raise ValueError
+    with pytest.raises(ValueError), s.transaction() as outer:
+        outer["a"] = "1"
+        with s.transaction() as inner:
+            inner["b"] = "2"
+        raise ValueError
     assert len(s) == 0 and len(opener()) == 0
 
 
 def test_store_calls_inside_a_transaction_join_it_without_deadlock(opener: Opener) -> None:
     s, other = opener(lock_timeout=5), opener()
-    with pytest.raises(RuntimeError):
-        with s.transaction():
-            s["a"] = "1"
-            s.incr("n")
-            assert s["a"] == "1" and s["n"] == "1" and len(s) == 2  # reads its own writes
-            raise RuntimeError
+    with pytest.raises(RuntimeError), s.transaction():
+        s["a"] = "1"
+        s.incr("n")
+        assert s["a"] == "1" and s["n"] == "1" and len(s) == 2  # reads its own writes
+        raise RuntimeError
     assert len(s) == 0 and len(other) == 0
     with s.transaction() as tx:
         s.update(a="1", b="2")
@@ -434,11 +429,10 @@ def test_store_calls_inside_a_transaction_join_it_without_deadlock(opener: Opene
 
 def test_atomic_helpers_inside_a_transaction_commit_with_it(opener: Opener) -> None:
     s = opener()
-    with pytest.raises(KeyError):
-        with s.transaction():
-            s.incr("n")
-            s.setdefault("k", "v")
-            raise KeyError
+    with pytest.raises(KeyError), s.transaction():
+        s.incr("n")
+        s.setdefault("k", "v")
+        raise KeyError
     assert len(opener()) == 0
 
 
@@ -475,3 +469,13 @@ def test_repr_shows_readonly(opener: Opener) -> None:
     opener()["k"] = "v"
     r = opener(readonly=True)
     assert repr(r).endswith(" readonly>") and not repr(opener()).endswith(" readonly>")
+
+
+def test_watch_yields_decoded_json_values(opener: Opener) -> None:
+    s = opener(serializer="json")
+    changes = s.watch(timeout=5)
+    s["a"] = {"x": [1, 2]}
+    del s["a"]
+    first, second = next(changes), next(changes)
+    assert first.value == {"x": [1, 2]} and tuple(first) == ("a", {"x": [1, 2]})
+    assert second.deleted and second.value is None
