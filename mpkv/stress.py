@@ -106,7 +106,7 @@ def perform(store: Store, op: str, keys: list[str], writes: list[Reg]) -> list[R
     if op == "get":
         return [store.get(keys[0])]
     if op == "put":
-        store.put(keys[0], writes[0])  # type: ignore[arg-type]
+        store.put(keys[0], writes[0])
         return []
     if op == "delete":
         return [store.delete(keys[0])]
