@@ -11,28 +11,43 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
+import zlib
 from collections.abc import Iterable
+from typing import NamedTuple
 
-from .codec import Codec, Value, apply
+from .codec import Codec, Puts, Value, apply
 from .errors import CorruptionError, Error
 from .files import create_temp, fsync_dir, make_dir, open_dir, open_regular, write_atomically
 from .segments import (
     AUX,
+    HORIZON,
     RETAINED,
     SWITCH,
-    list_log,
+    Switch,
+    UnitPos,
+    check_switch,
     list_segments,
+    log_of,
+    oldest_needed,
     parse_name,
+    read_switch,
     segment_name,
 )
 
 TMP_PREFIX = "compact-"
 
 
-def replay(path: str, codec: Codec, names: Iterable[str]) -> dict[str, Value]:
-    """The state sealed segments ``names`` add up to; they must be whole and valid."""
+def replay(path: str, codec: Codec, names: Iterable[str],
+           last: list[UnitPos] | None = None) -> dict[str, Value]:
+    """The state sealed segments ``names`` add up to; they must be whole and valid.
+    ``last`` (when given) receives the position of the last unit they hold (the
+    compaction's horizon, see ``switch``)."""
     state: dict[str, Value] = {}
+    horizon: UnitPos = (1, 0, 0)
+    begun = (1, 0)
+    inside = False
     for name in names:
+        number, part = parse_name(name)  # type: ignore[misc]
         file = os.path.join(path, name)
         with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
             data = f.read()
@@ -42,61 +57,111 @@ def replay(path: str, codec: Codec, names: Iterable[str]) -> dict[str, Value]:
                                   " (run mpkv repair)", file, dec.stop)
         for batch in dec.batches:
             apply(state, batch)
+        if last is not None:
+            if part:  # a former output: the state as of the end of segment `number`
+                horizon = max(horizon, (number + 1, 0, 0))
+                continue
+            offset, count = 0, 0
+            for batch, end, more in zip(dec.batches, dec.ends, dec.more, strict=True):
+                if not inside:
+                    begun, count = (number, offset), 0
+                count += len(batch.keys) if isinstance(batch, Puts) else len(batch)
+                inside, offset = more, end
+                if not more:
+                    horizon = (*begun, count)
+    if last is not None:
+        last.append(horizon)
     return state
 
 
-def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: int) -> list[str]:
+class Output(NamedTuple):
+    """A compaction output written to a temporary file: its path, size and CRC-32."""
+
+    path: str
+    size: int
+    crc: int
+
+
+def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: int
+                  ) -> list[Output]:
     """Write ``state`` into temporary files in ``.mpkv/`` (never taken for segments),
-    each within the segment limit and fsynced. Returns their paths in order."""
+    each within the segment limit and fsynced. Returns them in order."""
     aux = os.path.join(path, AUX)
-    outputs: list[str] = []
+    outputs: list[Output] = []
     f = None
-    used = 0
+    tmp = ""
+    used = size = crc = 0
+
+    def start() -> None:
+        nonlocal f, tmp, used, size, crc
+        fd, tmp = create_temp(aux, f"{TMP_PREFIX}{len(outputs)}-")
+        f = os.fdopen(fd, "wb")
+        used = size = crc = 0
+
+    def seal() -> None:
+        assert f is not None
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        outputs.append(Output(tmp, size, crc))
+
     try:
         for data, units in codec.encode_state(list(state.items()), max_units):
             if f is None or used + units > max_units:
                 if f is not None:
-                    f.flush()
-                    os.fsync(f.fileno())
-                    f.close()
-                fd, tmp = create_temp(aux, f"{TMP_PREFIX}{len(outputs)}-")
-                outputs.append(tmp)
-                f = os.fdopen(fd, "wb")
-                used = 0
+                    seal()
+                start()
+            assert f is not None
             f.write(data)
             used += units
+            size += len(data)
+            crc = zlib.crc32(data, crc)
         if f is None:  # an empty state still gets a (empty) first part: the log's start
-            fd, tmp = create_temp(aux, f"{TMP_PREFIX}0-")
-            outputs.append(tmp)
-            f = os.fdopen(fd, "wb")
-        f.flush()
-        os.fsync(f.fileno())
+            start()
+        seal()
     finally:
         if f is not None:
             f.close()
     return outputs
 
 
-def switch(path: str, outputs: list[str], number: int, inputs: list[str],
-           needed: int | None, dirlock: int) -> None:
+def switch(path: str, outputs: list[Output], number: int, inputs: list[str],
+           dirlock: int, horizon: UnitPos | None = None) -> None:
     """Put the outputs in place of the inputs (writer lock held).
 
     Under the directory lock held exclusively, so no reader lists the directory halfway:
     rename the outputs to parts 1, 2, ... of ``number`` (each compaction seals a new
-    segment first, so ``number`` was never compacted before); record the switch in
-    ``.mpkv/compacted`` (from then on ``list_log`` ignores the inputs, even after a
-    crash); move inputs a live watcher still needs (number >= ``needed``) to
-    ``.mpkv/retained/`` and delete the others; drop the record."""
+    segment first, so ``number`` was never compacted before); commit the switch by
+    writing ``.mpkv/compacted`` with every output's size and checksum (from then on
+    ``list_log`` ignores the inputs, even after a crash; before, it ignores the
+    outputs, as segment ``number`` is still there); move inputs a live watcher still
+    needs (see ``oldest_needed``) to ``.mpkv/retained/`` and delete the others; drop the
+    record. Watchers register under the directory lock held shared, so the
+    registrations read here are complete.
+
+    ``horizon``, the position of the last unit of the inputs, goes to ``.mpkv/horizon``
+    first: a watcher resuming at or after it has lost nothing (docs/compaction.md);
+    None (repair bridging lost segments) removes it."""
     fcntl.flock(dirlock, fcntl.LOCK_EX)
     try:
-        for k, tmp in enumerate(outputs, start=1):
+        needed = oldest_needed(path)
+        if horizon is not None:
+            write_atomically(os.path.join(path, AUX, HORIZON),
+                             f"{number} {horizon[0]} {horizon[1]} {horizon[2]}\n".encode())
+        else:  # changes were lost (repair): no position before this switch can resume
+            try:
+                os.unlink(os.path.join(path, AUX, HORIZON))
+            except FileNotFoundError:
+                pass
+        for k, out in enumerate(outputs, start=1):
             target = os.path.join(path, segment_name(number, k))
             if os.path.exists(target):
                 raise Error(f"{target}: compaction output exists already; not overwriting it")
-            os.rename(tmp, target)
+            os.rename(out.path, target)
         fsync_dir(path)
         aux = os.path.join(path, AUX)
-        write_atomically(os.path.join(aux, SWITCH), str(number).encode())
+        record = Switch(number, tuple((out.size, out.crc) for out in outputs))
+        write_atomically(os.path.join(aux, SWITCH), record.encode())
         _retire(path, inputs, needed)
         os.unlink(os.path.join(aux, SWITCH))
         fsync_dir(aux)
@@ -132,17 +197,34 @@ def _retire(path: str, inputs: list[str], needed: int | None) -> None:
     fsync_dir(path)
 
 
-def tidy(path: str, needed: int | None, dirlock: int) -> None:
-    """Finish a switch a crash interrupted, and delete outputs of a compaction that died
-    before its switch (compaction lock held)."""
+def tidy(path: str, dirlock: int) -> None:
+    """Clean up after a compaction that died (compaction lock held): delete its
+    temporary files and the outputs it renamed before its switch was committed (the
+    log ignores them: their segment b is still there), or finish its committed switch.
+
+    Inputs are deleted only on the word of a marker that checks out, contents included:
+    a stray or damaged marker raises CorruptionError and nothing is deleted."""
     for tmp in glob.glob(os.path.join(path, AUX, f"{TMP_PREFIX}*.tmp")):
         os.unlink(tmp)
-    marker = os.path.join(path, AUX, SWITCH)
-    if os.path.exists(marker):
-        fcntl.flock(dirlock, fcntl.LOCK_EX)
-        try:
-            live = set(list_log(path))
-            _retire(path, [n for n in list_segments(path) if n not in live], needed)
-            os.unlink(marker)
-        finally:
-            fcntl.flock(dirlock, fcntl.LOCK_UN)
+    names = list_segments(path)
+    record = read_switch(path, names)
+    if record is not None:
+        check_switch(path, record)
+    live = set(log_of(path, names, record))
+    dead = [n for n in names if n not in live]  # inputs (committed) or stray outputs
+    if not dead and record is None:
+        return
+    fcntl.flock(dirlock, fcntl.LOCK_EX)
+    try:
+        needed = oldest_needed(path)
+        if record is not None:
+            _retire(path, dead, needed)
+            os.unlink(os.path.join(path, AUX, SWITCH))
+            fsync_dir(os.path.join(path, AUX))
+        else:
+            for name in dead:
+                assert parse_name(name)[1], name  # type: ignore[index]
+                os.unlink(os.path.join(path, name))
+            fsync_dir(path)
+    finally:
+        fcntl.flock(dirlock, fcntl.LOCK_UN)

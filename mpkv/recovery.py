@@ -13,25 +13,36 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from . import compaction
 from .codec import Codec, Puts
-from .errors import FormatError
+from .errors import CorruptionError, FormatError
 from .files import fsync_dir, make_dir, open_regular, read_capped, save_new, write_atomically
 from .locks import WriterLock
 from .segments import (
     AUX,
+    DIRLOCK,
     INTENT,
     LOCK,
     META,
     QUARANTINE,
     SIDE_FILE_CAP,
+    SWITCH,
+    SWITCH_MAX_BYTES,
     Meta,
+    Switch,
     check_store_dir,
+    check_switch,
     check_written,
     clear_intent,
+    gap_message,
     list_log,
+    list_segments,
+    log_gap,
+    log_of,
     parse_name,
     read_intent,
     read_meta,
+    read_switch,
     segment_name,
     truncate_log,
 )
@@ -167,13 +178,14 @@ def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Rep
     """Scan every segment of the log; with ``fix``, quarantine damage and rewrite."""
     report = Report()
     _unfinished_commit(path, meta, fix, report)
-    names = list_log(path)
-    report.segments = len(names)
-    segments = [_Segment(name, os.path.join(path, name)) for name in names]
-    for i, _ in enumerate(progress(names) if progress else names):
+    names = list_segments(path)
+    log = log_of(path, names, _check_marker(path, names, fix, report))
+    report.segments = len(log)
+    segments = [_Segment(name, os.path.join(path, name)) for name in log]
+    for i, _ in enumerate(progress(log) if progress else log):
         seg = segments[i]
         data = _read(seg.file)
-        report.records += _scan(meta.codec, seg, data, newest=i == len(names) - 1)
+        report.records += _scan(meta.codec, seg, data, newest=i == len(log) - 1)
         report.bytes += len(data)
     _whole_units(segments)
     for seg in segments:
@@ -184,6 +196,12 @@ def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Rep
             kept = b"".join(data[a:b] for a, b in seg.keep)
             write_atomically(seg.file, kept)
             report.actions.append(f"rewrote {seg.file}: kept {len(kept)} of {len(data)} bytes")
+    while (gap := log_gap(log)) is not None:
+        report.damage.append(Damage(os.path.join(path, gap[1]), 0, 0, gap_message(path, gap)))
+        if not fix or not _bridge(path, meta, log, gap[1]):
+            break
+        report.actions.append(f"bridged the missing segments before {gap[1]}")
+        log = log_of(path, list_segments(path), None)
     return report
 
 
@@ -230,6 +248,50 @@ def _unfinished_commit(path: str, meta: Meta, fix: bool, report: Report) -> None
         fsync_dir(os.path.join(path, AUX))
         report.actions.append(f"cut the unfinished text transaction at {target} offset {offset}"
                               f" (and {len(later)} later segments); removed {txn}")
+
+
+def _check_marker(path: str, names: list[str], fix: bool, report: Report) -> Switch | None:
+    """The committed compaction switch, if the marker checks out; a marker that does not
+    is damage: reported, and with ``fix`` moved into the quarantine (the log is then
+    read without it: every input it would have hidden counts again)."""
+    marker = os.path.join(path, AUX, SWITCH)
+    try:
+        switch = read_switch(path, names)
+        if switch is not None:
+            check_switch(path, switch)
+        return switch
+    except CorruptionError as exc:
+        data = read_capped(marker, SWITCH_MAX_BYTES) or b""
+        report.damage.append(Damage(marker, 0, len(data), str(exc)))
+        if fix:
+            folder = os.path.join(path, AUX, QUARANTINE)
+            make_dir(folder)
+            report.quarantined.append(save_new(folder, SWITCH, ".bad", data))
+            os.unlink(marker)
+            fsync_dir(os.path.join(path, AUX))
+            report.actions.append(f"removed {marker} (its content is in the quarantine)")
+        return None
+
+
+def _bridge(path: str, meta: Meta, log: list[str], after: str) -> bool:
+    """Make the log whole again across missing segments ending before ``after``: the
+    segments before the gap are compacted into outputs that end just before ``after``
+    (through a committed switch, as compaction does), so the log reads them, then
+    ``after`` on. The missing segments' records are lost. False when ``after`` is a
+    compaction output (nothing can continue into it)."""
+    number, part = parse_name(after)  # type: ignore[misc]
+    bridge = number - 1
+    if part or bridge < 1 or os.path.exists(os.path.join(path, segment_name(bridge, 1))):
+        return False
+    inputs = log[: log.index(after)]
+    state = compaction.replay(path, meta.codec, inputs)
+    outputs = compaction.write_outputs(path, meta.codec, state, meta.max_segment_bytes)
+    fd = open_regular(os.path.join(path, AUX, DIRLOCK), os.O_RDWR | os.O_CREAT)
+    try:
+        compaction.switch(path, outputs, bridge, inputs, fd)  # records were lost: no horizon
+    finally:
+        os.close(fd)
+    return True
 
 
 def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) -> Report:

@@ -9,7 +9,9 @@ so no other file can be taken for a segment. See docs/format.md and docs/protoco
 
 from __future__ import annotations
 
+import bisect
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -24,6 +26,7 @@ from .codec import (
     Batch,
     Codec,
     Op,
+    Puts,
     codec_for,
     ops_of,
 )
@@ -38,8 +41,9 @@ SHM = "shm"
 READERS = "readers"
 INTENT = "txn"
 DIRLOCK = "dirlock"  # shared: listing + opening a segment; exclusive: compaction's switch
-SWITCH = "compacted"  # "b": compaction b's outputs are all in place; its inputs go
+SWITCH = "compacted"  # a committed compaction switch (``Switch``): its inputs go
 RETAINED = "retained"  # compacted inputs a live watcher has not read yet
+HORIZON = "horizon"  # "b S O N": the last unit compaction b removed (watch positions)
 QUARANTINE = "quarantine"  # damaged bytes repair moved aside
 MAGIC = "mpkv"
 VERSION = 1
@@ -68,18 +72,160 @@ def list_segments(path: str) -> list[str]:
     return sorted(n for n in os.listdir(path) if _NAME.match(n))
 
 
-def list_log(path: str) -> list[str]:
-    """The segments that make up the log, in order. After a compaction recorded its
-    switch (all outputs in place), the inputs it replaced no longer count, even if a
-    crash left some behind (docs/compaction.md)."""
-    names = list_segments(path)
-    data = read_capped(os.path.join(path, AUX, SWITCH), SIDE_FILE_CAP)
+#: The most bytes ``.mpkv/compacted`` can hold (9999 parts of a few dozen bytes each).
+SWITCH_MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A committed compaction switch, as ``.mpkv/compacted`` records it: compaction
+    ``number``'s outputs ``number.0001 ... number.K`` are all in place, with these
+    ``(size, CRC-32)``; its inputs no longer count."""
+
+    number: int
+    parts: tuple[tuple[int, int], ...]
+
+    def encode(self) -> bytes:
+        body = f"{self.number} {len(self.parts)}\n" + "".join(
+            f"{size} {crc:08x}\n" for size, crc in self.parts)
+        return (body + f"{zlib.crc32(body.encode('ascii')):08x}\n").encode("ascii")
+
+
+def _parse_switch(data: bytes) -> Switch | None:
+    """The switch ``data`` records, None unless it is exactly the layout ``encode``
+    writes with a matching checksum (a torn, stray or hand-written file is not one)."""
     try:
-        switched = int(data or b"")
+        lines = data.decode("ascii").split("\n")
+        if lines[-1] != "" or len(lines) < 4:
+            return None
+        body = "".join(line + "\n" for line in lines[:-2])
+        check = lines[-2]
+        if len(check) != 8 or int(check, 16) != zlib.crc32(body.encode("ascii")):
+            return None
+        number, count = (int(x) for x in lines[0].split(" "))
+        parts = []
+        for line in lines[1:-2]:
+            size, crc = line.split(" ")
+            parts.append((int(size), int(crc, 16)))
     except ValueError:
-        return names
-    first = segment_name(switched, 1)
-    return [n for n in names if n >= first and n != segment_name(switched)]
+        return None
+    switch = Switch(number, tuple(parts))
+    if count != len(parts) or not 1 <= count <= 9999 or switch.encode() != data:
+        return None
+    return switch
+
+
+def read_switch(path: str, names: list[str] | None = None) -> Switch | None:
+    """The committed switch ``.mpkv/compacted`` records, None when there is none.
+
+    The marker is checked against the files, never obeyed blindly: it must parse with
+    its own checksum, and every output it announces must be present (in ``names``, the
+    directory's segments) with the recorded size, and no further part. Anything else is
+    damage: CorruptionError naming the marker. (``check_switch`` also compares the
+    outputs' checksums; that reads them, so only compaction and verify do it.)"""
+    file = os.path.join(path, AUX, SWITCH)
+    try:
+        data = read_capped(file, SWITCH_MAX_BYTES)
+    except (OSError, FormatError) as exc:
+        raise CorruptionError(f"{file}: unreadable compaction marker: {exc}", file, 0) from None
+    if data is None:
+        return None
+    switch = _parse_switch(data)
+    if switch is None:
+        raise CorruptionError(f"{file}: not a valid compaction marker ({len(data)} bytes): "
+                              "a stray or damaged file; run mpkv repair", file, 0)
+    present = set(list_segments(path) if names is None else names)
+    for k, (size, _) in enumerate(switch.parts, start=1):
+        part = os.path.join(path, segment_name(switch.number, k))
+        try:
+            actual = os.stat(part).st_size if segment_name(switch.number, k) in present else -1
+        except FileNotFoundError:
+            actual = -1
+        if actual != size:
+            found = "missing" if actual < 0 else f"{actual} bytes"
+            raise CorruptionError(f"{file}: the compaction marker announces {part} of {size} "
+                                  f"bytes, but it is {found}; run mpkv repair", file, 0)
+    extra = segment_name(switch.number, len(switch.parts) + 1)
+    if extra in present:
+        raise CorruptionError(f"{file}: the compaction marker announces "
+                              f"{len(switch.parts)} outputs, but {extra} exists too; "
+                              "run mpkv repair", file, 0)
+    return switch
+
+
+def check_switch(path: str, switch: Switch) -> None:
+    """Compare the outputs' contents with the checksums the marker recorded: required
+    before anything is deleted on the marker's word. CorruptionError when one differs."""
+    file = os.path.join(path, AUX, SWITCH)
+    for k, (_, crc) in enumerate(switch.parts, start=1):
+        part = os.path.join(path, segment_name(switch.number, k))
+        if file_crc(part) != crc:
+            raise CorruptionError(f"{file}: {part} does not match the checksum the compaction "
+                                  "marker recorded; run mpkv repair", file, 0)
+
+
+def file_crc(file: str) -> int:
+    crc = 0
+    with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def log_of(path: str, names: list[str], switch: Switch | None) -> list[str]:
+    """The segments among ``names`` that make up the log, in order.
+
+    After a committed switch (``switch``), the inputs it replaced no longer count, even
+    if a crash left some behind. Outputs of a compaction whose switch is not committed
+    (its segment ``b`` is still there) do not count: they only repeat what the inputs
+    say, and may be incomplete."""
+    if switch is not None:
+        first = segment_name(switch.number, 1)
+        names = [n for n in names if n >= first and n != segment_name(switch.number)]
+    present = set(names)
+    out = []
+    for name in names:
+        number, part = parse_name(name)  # type: ignore[misc]
+        if part == 0 or segment_name(number) not in present:
+            out.append(name)
+    return out
+
+
+def log_gap(names: list[str]) -> tuple[str | None, str] | None:
+    """Where the log ``names`` is not contiguous: ``(before, after)`` around the first
+    gap (``before`` None when the log does not start at segment 1 or at the first part
+    of a compaction output), None when it is whole."""
+    if not names:
+        return None
+    first = parse_name(names[0])
+    if first is None or first[1] > 1 or (first[1] == 0 and first[0] != 1):
+        return None, names[0]
+    for prev, nxt in itertools.pairwise(names):
+        if not follows(prev, nxt):
+            return prev, nxt
+    return None
+
+
+def gap_message(path: str, gap: tuple[str | None, str]) -> str:
+    before, after = gap
+    if before is None:
+        return (f"{path}: the log starts at {after}: the segments before it are missing "
+                "(their records are lost); run mpkv repair")
+    return (f"{path}: segments missing between {before} and {after} (their records are "
+            "lost); run mpkv repair")
+
+
+def list_log(path: str) -> list[str]:
+    """The segments that make up the log, in order (``log_of``), listing the directory
+    once. CorruptionError when the compaction marker does not check out or when
+    segments are missing from the log (a gap)."""
+    names = list_segments(path)
+    log = log_of(path, names, read_switch(path, names))
+    gap = log_gap(log)
+    if gap is not None:
+        after = os.path.join(path, gap[1])
+        raise CorruptionError(gap_message(path, gap), after, 0)
+    return log
 
 
 def follows(prev: str, nxt: str) -> bool:
@@ -139,7 +285,7 @@ def written_format(path: str) -> tuple[str, str] | None:
     record is recognised by its checksum, a text one by ``P|``/``D|``; so metadata that
     names the wrong format (edited, or lost and recreated) is caught before any writer
     takes the other format's records for a torn tail and truncates them."""
-    for name in list_log(path):
+    for name in list_segments(path):  # any segment will do: no need to judge the log
         file = os.path.join(path, name)
         try:
             fd = open_regular(file, os.O_RDONLY)
@@ -256,9 +402,10 @@ def clear_intent(path: str) -> None:
 
 
 def truncate_log(path: str, number: int, offset: int) -> None:
-    """Cut the log at ``offset`` of segment ``number``: later segments are deleted.
-    (Unlinking a name never follows a link; the truncated file is opened without.)"""
-    for name in list_segments(path):
+    """Cut the log at ``offset`` of segment ``number``: later segments are deleted, the
+    newest first, so that a reader listing meanwhile never sees a gap. (Unlinking a
+    name never follows a link; the truncated file is opened without.)"""
+    for name in reversed(list_segments(path)):
         major = parse_name(name)[0]  # type: ignore[index]
         if major > number:
             os.unlink(os.path.join(path, name))
@@ -293,6 +440,18 @@ def unregister_reader(path: str, token: str) -> None:
         os.unlink(os.path.join(path, AUX, READERS, token))
     except FileNotFoundError:
         pass
+
+
+def read_horizon(path: str) -> tuple[int, UnitPos] | None:
+    """``(b, last unit)`` of the latest compaction, None when unknown or unreadable."""
+    try:
+        data = read_capped(os.path.join(path, AUX, HORIZON), 100)
+        if data is None:
+            return None
+        b, segment, offset, count = (int(x) for x in data.split())
+    except (OSError, ValueError, FormatError):  # unknown: resuming is refused, not guessed
+        return None
+    return b, (segment, offset, count)
 
 
 def oldest_needed(path: str) -> int | None:
@@ -344,6 +503,12 @@ class NeedReload(Exception):
 
 #: Where a reader must stop: ``(segment number, end offset)``; end None means "to EOF".
 Limit = tuple[int, "int | None"]
+#: Where an atomic unit starts: ``(segment number, compaction part, byte offset)``.
+Start = tuple[int, int, int]
+#: The last unit a cursor applied: ``(segment number, start offset, number of ops)``;
+#: ``(N, 0, 0)`` when it applied none since the start of segment N (docs/protocol.md,
+#: "Positions").
+UnitPos = tuple[int, int, int]
 
 
 def _beyond(name: str, limit: Limit | None) -> bool:
@@ -374,11 +539,40 @@ class Cursor:
         self.units = 0  # size of the current segment in the limit's units
         self.number = 0  # the current segment's number (0: none yet)
         self.part = 0  # and its compaction part (0: an appended segment)
+        self.position: UnitPos = (1, 0, 0)  # the last unit read (or appended by the owner)
+        # The log's names (and their folders) as listed once in the current ``read``:
+        # one listing per tail step, not one per segment. None: not listed yet.
+        self._listing: list[tuple[str, str]] | None = None
 
     def _enter(self, name: str, folder: str, fd: int) -> None:
         self.close()
         self.name, self.folder, self.fd, self.offset, self.units = name, folder, fd, 0, 0
         self.number, self.part = parse_name(name)  # type: ignore[misc]
+        if self.part:  # the state as of the end of segment `number`: before number + 1
+            self.position = max(self.position, (self.number + 1, 0, 0))
+
+    def seek(self, number: int, offset: int) -> bool:
+        """Start at ``offset`` of appended segment ``number`` (in the log or, with
+        ``retained``, in .mpkv/retained/); False when no such segment exists."""
+        name = segment_name(number)
+        if self.dirlock is not None:
+            fcntl.flock(self.dirlock, fcntl.LOCK_SH)
+        try:
+            folders = [self.path, os.path.join(self.path, AUX, RETAINED)]
+            for folder in folders[:2 if self.retained else 1]:
+                if folder == self.path and name not in list_log(self.path):
+                    continue
+                try:
+                    fd = self._open(folder, name)
+                except NeedReload:
+                    continue
+                self._enter(name, folder, fd)
+                self.offset = offset
+                return True
+            return False
+        finally:
+            if self.dirlock is not None:
+                fcntl.flock(self.dirlock, fcntl.LOCK_UN)
 
     def _open(self, folder: str, name: str, flags: int = 0) -> int:
         mode = os.O_RDWR if self.writable else os.O_RDONLY
@@ -387,42 +581,69 @@ class Cursor:
         except FileNotFoundError:
             raise NeedReload from None
 
-    def _next(self) -> tuple[str, str, int] | None:
-        """The segment to read after this one, opened: ``(name, folder, fd)``.
+    def _list(self) -> list[tuple[str, str]]:
+        """The log's segments, and retained ones for a watcher, in name order.
 
-        Listing and opening hold the directory lock shared, so a compaction's switch
-        (exclusive) is seen whole or not at all. The first later name that continues the
-        log (see ``follows``) is taken: ``N+1`` before a compaction's outputs, so a watcher
-        sees every change once. NeedReload when later names exist but none continues."""
+        Listing holds the directory lock shared, so a compaction's switch (exclusive) is
+        seen whole or not at all."""
         if self.dirlock is not None:
             fcntl.flock(self.dirlock, fcntl.LOCK_SH)
         try:
-            later = [(n, self.path) for n in list_log(self.path)
-                     if self.name is None or n > self.name]
+            names = [(n, self.path) for n in list_log(self.path)]
             kept = os.path.join(self.path, AUX, RETAINED)
             if self.retained and os.path.isdir(kept):
-                later = sorted(later + [(n, kept) for n in list_segments(kept)
-                                        if self.name is None or n > self.name])
-            if not later:
-                return None
-            for name, folder in later if self.name is not None else later[:1]:
-                if self.name is None or follows(self.name, name):
-                    return name, folder, self._open(folder, name)
-            raise NeedReload
+                names = sorted(names + [(n, kept) for n in list_segments(kept)])
+            return names
         finally:
             if self.dirlock is not None:
                 fcntl.flock(self.dirlock, fcntl.LOCK_UN)
 
-    def read(self, limit: Limit | None) -> tuple[list[Batch], int | None]:
+    def _next(self) -> tuple[str, str, int] | None:
+        """The segment to read after this one, opened: ``(name, folder, fd)``.
+
+        The first later name that continues the log (see ``follows``) is taken: ``N+1``
+        before a compaction's outputs, so a watcher sees every change once. Names come
+        from the listing of this tail step; when the one to take has gone since (a
+        compaction's switch: deleted, or moved to ``.mpkv/retained/``), or none continues,
+        the directory is listed again once. NeedReload when later names exist but none
+        continues."""
+        fresh = self._listing is None
+        while True:
+            if self._listing is None:
+                self._listing = self._list()
+            start = 0 if self.name is None else bisect.bisect_right(self._listing,
+                                                                    (self.name, "\uffff"))
+            later = self._listing[start:]
+            if not later:
+                return None
+            for name, folder in later if self.name is not None else later[:1]:
+                if self.name is None or follows(self.name, name):
+                    try:
+                        return name, folder, self._open(folder, name)
+                    except NeedReload:
+                        if fresh:
+                            raise
+                    break
+            else:
+                if fresh:
+                    raise NeedReload
+            self._listing, fresh = None, True
+
+    def read(self, limit: Limit | None, starts: list[Start] | None = None
+             ) -> tuple[list[Batch], int | None]:
         """Decode what follows the cursor, up to ``limit``; return the complete atomic
         units and, when the log ends in a torn record or an unfinished unit, the offset
-        (in the cursor's segment) where the torn part starts.
+        (in the cursor's segment) where the torn part starts. ``starts`` (when given)
+        receives where each returned unit starts, for positions.
 
         A unit may span segments; until its last record is read the cursor stays at its
         start, so an unfinished unit is read again, whole, next time."""
+        self._listing = None  # a new tail step lists the directory (at most) once
         batches: list[Batch] = []
         pending: list[Op] = []  # ops of a unit whose last record is not read yet
         mark = (self.name, self.folder, self.offset, self.units)  # where that unit starts
+        inside = False  # the last record read continues its unit
+        begun: Start = (self.number, self.part, self.offset)  # where that unit started
         while True:
             if self.name is None:
                 first = self._next()
@@ -444,11 +665,20 @@ class Cursor:
             dec = self.codec.decode(data)
             for ops, end, units, more in zip(dec.batches, dec.ends, dec.units, dec.more,
                                              strict=True):
+                if not inside:
+                    begun = (self.number, self.part, self.offset)
+                inside = more
                 if more:
                     pending += ops_of(ops)
                 else:
-                    batches.append(pending + ops_of(ops) if pending else ops)
+                    batch = pending + ops_of(ops) if pending else ops
+                    batches.append(batch)
                     pending = []
+                    if starts is not None:
+                        starts.append(begun)
+                    if not begun[1]:
+                        self.position = (begun[0], begun[2], len(batch.keys)
+                                         if isinstance(batch, Puts) else len(batch))
                 self.offset = start + end
                 self.units += units
                 if not more:
@@ -488,7 +718,7 @@ class Cursor:
         """Cut a torn tail so the next record starts on a clean boundary: the rest of
         this segment and any later segment (holding the rest of an unfinished unit)."""
         later = [n for n in list_segments(self.path) if self.name and n > self.name]
-        for name in later:
+        for name in reversed(later):  # newest first: a reader listing never sees a gap
             os.unlink(os.path.join(self.path, name))
         if later:
             fsync_dir(self.path)
