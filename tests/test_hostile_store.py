@@ -283,7 +283,7 @@ def open_in_child(p: str) -> subprocess.CompletedProcess[str]:
             "import mpkv\n"
             "try:\n    with mpkv.Store(sys.argv[1]) as s:\n        s['x'] = 'y'\n"
             "    print('opened')\n"
-            "except mpkv.FormatError as e:\n    print('refused', e)\n")
+            "except (mpkv.FormatError, mpkv.CorruptionError) as e:\n    print('refused', e)\n")
     return subprocess.run([sys.executable, "-c", code, p], capture_output=True, text=True,
                           timeout=120)
 
