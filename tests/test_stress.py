@@ -364,7 +364,7 @@ def test_single_key_run_checks_every_op() -> None:
     """One key: transactions of 1 key only; every thread lives to the end."""
     proc, m = stress("--seconds", "2", "--seed", "4", keys="1")
     assert proc.returncode == 0 and m.group(1) == "OK", proc.stdout + proc.stderr
-    assert int(m.group(2)) > 1000
+    assert int(m.group(2)) > 200
 
 
 def test_stress_torn_tails_after_kills_pass() -> None:
