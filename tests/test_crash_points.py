@@ -51,6 +51,16 @@ def _compact(outputs: int = 1) -> Callable[[str, Callable[[], None]], None]:
     return op
 
 
+def _compact_watched(path: str, arm: Callable[[], None]) -> None:
+    """A live watcher needs the newest segments: compaction moves them aside, not away."""
+    s = mpkv.Store(path, **_opts())
+    watcher = s.watch(timeout=0)
+    arm()
+    s.compact()
+    assert os.listdir(os.path.join(path, ".mpkv", "retained")), "nothing was retained"
+    del watcher
+
+
 def _compacted_then(fmt: str, maxseg: int) -> Callable[[str], None]:
     """A store compacted once (its log starts with compaction outputs), then written."""
     def build(path: str) -> None:
@@ -133,6 +143,7 @@ CASES = [
     CrashCase("compact-binary-one-segment-two-outputs", _filled("binary", 100, 2, 30),
               _compact(2)),
     CrashCase("compact-binary-again", _compacted_then("binary", 60), _compact(2)),
+    CrashCase("compact-binary-watched", _filled("binary", 100, 12, 20, 1, 2), _compact_watched),
     CrashCase("compact-text-one-output", _filled("text", 100, 8, 8, 2, 3), _compact()),
     CrashCase("compact-text-several-outputs", _filled("text", 40, 8, 8, 1, 2), _compact(2)),
     CrashCase("compact-text-one-segment-two-outputs", _filled("text", 30, 2, 10), _compact(2)),
