@@ -8,13 +8,13 @@ state. The outputs hold puts only: they start the log, so no tombstone is needed
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import os
 from collections.abc import Iterable
 
 from .codec import Codec, Value, apply
 from .errors import CorruptionError, Error
+from .locks import DirLock
 from .segments import (
     AUX,
     RETAINED,
@@ -48,7 +48,8 @@ def replay(path: str, codec: Codec, names: Iterable[str]) -> dict[str, Value]:
 
 def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: int) -> list[str]:
     """Write ``state`` into temporary files in ``.mpkv/`` (never taken for segments),
-    each within the segment limit and fsynced. Returns their paths in order."""
+    each within the segment limit and fsynced. Returns their paths in order. On any
+    error (a full disk) the files written so far are removed before it propagates."""
     aux = os.path.join(path, AUX)
     outputs: list[str] = []
     f = None
@@ -70,6 +71,19 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
             f = open(outputs[-1], "wb")  # noqa: SIM115
         f.flush()
         os.fsync(f.fileno())
+    except BaseException:
+        if f is not None:
+            try:
+                f.close()  # flushes what is buffered: may fail again on a full disk
+            except OSError:
+                pass
+            f = None
+        for tmp in outputs:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
     finally:
         if f is not None:
             f.close()
@@ -77,7 +91,7 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
 
 
 def switch(path: str, outputs: list[str], number: int, inputs: list[str],
-           needed: int | None, dirlock: int) -> None:
+           needed: int | None, dirlock: DirLock) -> None:
     """Put the outputs in place of the inputs (writer lock held).
 
     Under the directory lock held exclusively, so no reader lists the directory halfway:
@@ -86,8 +100,7 @@ def switch(path: str, outputs: list[str], number: int, inputs: list[str],
     ``.mpkv/compacted`` (from then on ``list_log`` ignores the inputs, even after a
     crash); move inputs a live watcher still needs (number >= ``needed``) to
     ``.mpkv/retained/`` and delete the others; drop the record."""
-    fcntl.flock(dirlock, fcntl.LOCK_EX)
-    try:
+    with dirlock.exclusive():
         for k, tmp in enumerate(outputs, start=1):
             target = os.path.join(path, segment_name(number, k))
             if os.path.exists(target):
@@ -99,8 +112,6 @@ def switch(path: str, outputs: list[str], number: int, inputs: list[str],
         _retire(path, inputs, needed)
         os.unlink(os.path.join(aux, SWITCH))
         fsync_dir(aux)
-    finally:
-        fcntl.flock(dirlock, fcntl.LOCK_UN)
 
 
 def _retire(path: str, inputs: list[str], needed: int | None) -> None:
@@ -118,17 +129,14 @@ def _retire(path: str, inputs: list[str], needed: int | None) -> None:
     fsync_dir(path)
 
 
-def tidy(path: str, needed: int | None, dirlock: int) -> None:
+def tidy(path: str, needed: int | None, dirlock: DirLock) -> None:
     """Finish a switch a crash interrupted, and delete outputs of a compaction that died
     before its switch (compaction lock held)."""
     for tmp in glob.glob(os.path.join(path, AUX, f"{TMP_PREFIX}*.tmp")):
         os.unlink(tmp)
     marker = os.path.join(path, AUX, SWITCH)
     if os.path.exists(marker):
-        fcntl.flock(dirlock, fcntl.LOCK_EX)
-        try:
+        with dirlock.exclusive():
             live = set(list_log(path))
             _retire(path, [n for n in list_segments(path) if n not in live], needed)
             os.unlink(marker)
-        finally:
-            fcntl.flock(dirlock, fcntl.LOCK_UN)

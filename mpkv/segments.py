@@ -9,14 +9,15 @@ so no other file can be taken for a segment. See docs/format.md and docs/protoco
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 from .codec import Batch, Codec, Op, codec_for, ops_of
 from .errors import CorruptionError, Error, FormatError
+from .locks import DirLock
 
 AUX = ".mpkv"
 META = "meta"
@@ -164,34 +165,101 @@ def create_meta(path: str, meta: Meta) -> Meta:
 # --- text transactions: an intent file makes them all-or-nothing -------------------
 #
 # Text records have no framing, so a multi-line commit first records where it starts
-# in .mpkv/txn and removes the file when its last line is written. While the file
-# exists, readers treat the log as ending there; the next writer truncates the log at
-# that point (undoing the unfinished commit) and removes it.
+# and how many bytes it writes in .mpkv/txn, and removes the file when its last line is
+# written. While the shared state is untrusted and the file exists, readers treat the
+# log as ending there and the next writer truncates the log at that point (undoing the
+# unfinished commit). The file is never obeyed blindly: ``read_intent`` checks it
+# against the segments, and binary stores never read it (docs/format.md).
+
+_INTENT_LINE = re.compile(rb"(\d{1,12}) (\d{1,19}) (\d{1,19})\n")
 
 
-def write_intent(path: str, number: int, offset: int, durable: bool) -> None:
-    """Written whole then renamed into place: a reader never sees half a position."""
+def write_intent(path: str, number: int, offset: int, length: int, durable: bool) -> None:
+    """Written whole under a unique name, then renamed into place: a reader never sees
+    half of it. ``length``: the bytes the commit appends from ``(number, offset)`` on."""
     aux = os.path.join(path, AUX)
-    tmp = os.path.join(aux, f"{INTENT}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(f"{number} {offset}\n")
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(aux, INTENT))
+    tmp = os.path.join(aux, f"{INTENT}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            os.write(fd, f"{number} {offset} {length}\n".encode("ascii"))
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(aux, INTENT))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     if durable:
         fsync_dir(aux)
 
 
 def read_intent(path: str) -> tuple[int, int] | None:
+    """Where an unfinished text commit starts, ``(segment number, offset)``; None when
+    there is none. Raises CorruptionError when the file is not an intent this store's
+    segments can have left: bad syntax, a segment that does not exist or is not the
+    log's end, an offset past the file or not at a line's start, or more bytes after it
+    than the commit was to write."""
+    file = os.path.join(path, AUX, INTENT)
     try:
-        with open(os.path.join(path, AUX, INTENT), encoding="ascii") as f:
-            number, offset = f.read().split()
-        return int(number), int(offset)
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
-    except ValueError:  # the intent file itself was cut short: its commit wrote nothing
+    except OSError as exc:
+        raise CorruptionError(f"{file}: unreadable transaction intent: {exc}", file, 0) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptionError(f"{file}: transaction intent is not a regular file", file, 0)
+        data = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    if not data:  # written whole then renamed: empty only when power loss lost it
         return None
+    m = _INTENT_LINE.fullmatch(data)
+    if m is None:
+        raise CorruptionError(f"{file}: malformed transaction intent {data[:64]!r}", file, 0)
+    number, offset, length = (int(g) for g in m.groups())
+    problem = _intent_problem(path, number, offset, length)
+    if problem:
+        raise CorruptionError(f"{file}: transaction intent {number} {offset} {length} "
+                              f"does not match the segments: {problem}", file, 0)
+    return number, offset
+
+
+def _intent_problem(path: str, number: int, offset: int, length: int) -> str:
+    appended: dict[int, int] = {}
+    compacted_up_to = 0
+    for name in list_segments(path):
+        major, part = parse_name(name)  # type: ignore[misc]
+        if part:
+            compacted_up_to = max(compacted_up_to, major)
+        else:
+            appended[major] = os.lstat(os.path.join(path, name)).st_size
+    if number == 0:  # the log was empty when the commit started
+        if offset or compacted_up_to:
+            return "segment 0 is only the start of an empty log"
+        after = sum(appended.values())
+    else:
+        if number not in appended:
+            return f"no segment {segment_name(number)}"
+        if number <= compacted_up_to:
+            return "that segment was compacted"
+        size = appended[number]
+        if offset > size:
+            return f"offset past the segment's {size} bytes"
+        if offset:
+            with open(os.path.join(path, segment_name(number)), "rb") as f:
+                f.seek(offset - 1)
+                if f.read(1) != b"\n":
+                    return "offset is not at the start of a line"
+        after = size - offset + sum(s for n, s in appended.items() if n > number)
+    if after > length:
+        return f"{after} bytes follow it, more than the commit's {length}"
+    return ""
 
 
 def clear_intent(path: str) -> None:
@@ -202,12 +270,13 @@ def clear_intent(path: str) -> None:
 
 
 def truncate_log(path: str, number: int, offset: int) -> None:
-    """Cut the log at ``offset`` of segment ``number``: later segments are deleted."""
+    """Cut the log at ``offset`` of segment ``number``: later appended segments are
+    deleted (compaction outputs are older than any segment a commit appends to)."""
     for name in list_segments(path):
-        major = parse_name(name)[0]  # type: ignore[index]
-        if major > number:
+        major, part = parse_name(name)  # type: ignore[misc]
+        if major > number and not part:
             os.unlink(os.path.join(path, name))
-        elif major == number and name == segment_name(number):
+        elif major == number and not part:
             os.truncate(os.path.join(path, name), offset)
     fsync_dir(path)
 
@@ -234,12 +303,15 @@ def unregister_reader(path: str, token: str) -> None:
         pass
 
 
+_TOKEN = re.compile(r"[1-9]\d{0,9}-\d{1,24}")  # "<pid>-<id>": see Store._token
+
+
 def oldest_needed(path: str) -> int | None:
     """The oldest segment number a live registered reader still needs."""
     folder = os.path.join(path, AUX, READERS)
     numbers = []
     for token in os.listdir(folder) if os.path.isdir(folder) else []:
-        if token.startswith("."):
+        if not _TOKEN.fullmatch(token):  # a temporary file, or not ours: skip it
             continue
         pid = int(token.split("-")[0])
         try:
@@ -247,12 +319,12 @@ def oldest_needed(path: str) -> int | None:
         except ProcessLookupError:  # that reader died: forget it
             unregister_reader(path, token)
             continue
-        except PermissionError:
+        except (PermissionError, OverflowError):
             pass
         try:
             with open(os.path.join(folder, token), encoding="ascii") as f:
-                numbers.append(int(f.read()))
-        except (FileNotFoundError, ValueError):
+                numbers.append(int(f.read(32)))
+        except (OSError, ValueError):
             continue
     return min(numbers, default=None)
 
@@ -283,11 +355,11 @@ class Cursor:
     rotates through the same cursor, so it never re-reads its own records.
     """
 
-    def __init__(self, path: str, codec: Codec, writable: bool, dirlock: int | None) -> None:
+    def __init__(self, path: str, codec: Codec, writable: bool, dirlock: DirLock) -> None:
         self.path = path
         self.codec = codec
         self.writable = writable
-        self.dirlock = dirlock  # descriptor of .mpkv/dirlock (None: cannot be opened)
+        self.dirlock = dirlock
         self.retained = False  # also look in .mpkv/retained/ (a watcher needs every change)
         self.name: str | None = None
         self.folder = path  # where the current segment is
@@ -316,9 +388,7 @@ class Cursor:
         (exclusive) is seen whole or not at all. The first later name that continues the
         log (see ``follows``) is taken: ``N+1`` before a compaction's outputs, so a watcher
         sees every change once. NeedReload when later names exist but none continues."""
-        if self.dirlock is not None:
-            fcntl.flock(self.dirlock, fcntl.LOCK_SH)
-        try:
+        with self.dirlock.shared():
             later = [(n, self.path) for n in list_log(self.path)
                      if self.name is None or n > self.name]
             kept = os.path.join(self.path, AUX, RETAINED)
@@ -331,9 +401,6 @@ class Cursor:
                 if self.name is None or follows(self.name, name):
                     return name, folder, self._open(folder, name)
             raise NeedReload
-        finally:
-            if self.dirlock is not None:
-                fcntl.flock(self.dirlock, fcntl.LOCK_UN)
 
     def read(self, limit: Limit | None) -> tuple[list[Batch], int | None]:
         """Decode what follows the cursor, up to ``limit``; return the complete atomic
@@ -387,6 +454,19 @@ class Cursor:
                     self._rewind(*mark)
                 return batches, (self.offset if torn else None)
             self._enter(*nxt)
+
+    def mark(self) -> tuple[str | None, str, int, int]:
+        """The position, for ``restore``."""
+        return self.name, self.folder, self.offset, self.units
+
+    def restore(self, mark: tuple[str | None, str, int, int]) -> None:
+        """Go back to a position ``mark`` returned (NeedReload if its file is gone)."""
+        if mark[0] is None:
+            self.close()
+            self.name, self.folder, self.offset, self.units = None, self.path, 0, 0
+            self.number = self.part = 0
+        else:
+            self._rewind(*mark)
 
     def _rewind(self, name: str | None, folder: str, offset: int, units: int) -> None:
         """Go back to the start of an unfinished unit, maybe in an earlier segment."""
