@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .codec import Codec
-from .errors import FormatError
+from .errors import CorruptionError, FormatError
 from .locks import WriterLock
-from .segments import AUX, LOCK, Meta, fsync_dir, list_log, read_meta
+from .segments import AUX, INTENT, LOCK, Meta, fsync_dir, list_log, read_intent, read_meta
 from .snapshot import write_atomically
 
 QUARANTINE = "quarantine"
@@ -103,7 +103,32 @@ def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Rep
         if fix and damage:
             report.quarantined += _quarantine(path, name, data, damage)
             write_atomically(file, b"".join(data[a:b] for a, b in good))
+    if meta.format == "text":
+        _examine_intent(path, fix, report)
     return report
+
+
+def _examine_intent(path: str, fix: bool, report: Report) -> None:
+    """A ``.mpkv/txn`` that does not match the segments is damage, never an instruction:
+    ``repair`` moves it into the quarantine folder whole."""
+    try:
+        read_intent(path)
+        return
+    except CorruptionError as exc:
+        problem = str(exc)
+    file = os.path.join(path, AUX, INTENT)
+    try:
+        size = os.lstat(file).st_size
+    except FileNotFoundError:  # gone meanwhile
+        return
+    report.damage.append(Damage(file, 0, size, problem))
+    if fix:
+        folder = os.path.join(path, AUX, QUARANTINE)
+        os.makedirs(folder, exist_ok=True)
+        target = os.path.join(folder, f"{INTENT}.{os.urandom(6).hex()}.bad")
+        os.rename(file, target)
+        fsync_dir(os.path.join(path, AUX))
+        report.quarantined.append(target)
 
 
 def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) -> Report:
