@@ -172,7 +172,7 @@ class SqliteKv(Kv):
 
 class DiskcacheKv(Kv):
     def __init__(self, path: str) -> None:
-        import diskcache  # type: ignore[import-untyped]
+        import diskcache
 
         self.cache = diskcache.Cache(path, eviction_policy="none", size_limit=1 << 40)
         self.put, self.get = self.cache.set, self.cache.get
@@ -188,7 +188,7 @@ class DiskcacheKv(Kv):
 
 class SqlitedictKv(Kv):
     def __init__(self, path: str) -> None:
-        from sqlitedict import SqliteDict  # type: ignore[import-untyped]
+        from sqlitedict import SqliteDict
 
         os.makedirs(path, exist_ok=True)
         self.d = SqliteDict(os.path.join(path, "kv.sqlite"), autocommit=True)
@@ -662,7 +662,10 @@ def run(b: Bench) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpkv bench", description="mpkv against lmdb, diskcache, "
+    from .cli import Parser
+
+    p = Parser(prog="mpkv bench", epilog="example:\n  mpkv bench --quick --out /tmp/bench",
+               description="mpkv against lmdb, diskcache, "
                                 "sqlitedict, sqlite3, shelve and dict on the same workloads; "
                                 "writes a Markdown table, a JSON file and a PNG plot.")
     p.add_argument("--quick", action="store_true", help="small counts (under a minute)")

@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import glob
 import os
+import zlib
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from .codec import Codec, Value, apply
 from .errors import CorruptionError, Error
+from .files import create_temp, fsync_dir, make_dir, open_dir, open_regular, write_atomically
 from .locks import DirLock
 from .segments import (
     AUX,
     RETAINED,
     SWITCH,
-    fsync_dir,
-    list_log,
+    Switch,
+    check_switch,
     list_segments,
+    log_of,
     parse_name,
+    read_switch,
     segment_name,
 )
-from .snapshot import write_atomically
 
 TMP_PREFIX = "compact-"
 
@@ -35,7 +39,7 @@ def replay(path: str, codec: Codec, names: Iterable[str]) -> dict[str, Value]:
     state: dict[str, Value] = {}
     for name in names:
         file = os.path.join(path, name)
-        with open(file, "rb") as f:
+        with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
             data = f.read()
         dec = codec.decode(data)
         if dec.problem:
@@ -46,41 +50,61 @@ def replay(path: str, codec: Codec, names: Iterable[str]) -> dict[str, Value]:
     return state
 
 
-def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: int) -> list[str]:
+class Output(NamedTuple):
+    """A compaction output written to a temporary file: its path, size and CRC-32."""
+
+    path: str
+    size: int
+    crc: int
+
+
+def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: int
+                  ) -> list[Output]:
     """Write ``state`` into temporary files in ``.mpkv/`` (never taken for segments),
-    each within the segment limit and fsynced. Returns their paths in order. On any
-    error (a full disk) the files written so far are removed before it propagates."""
+    each within the segment limit and fsynced. Returns them in order. On any error (a
+    full disk) the files written so far are removed before it propagates."""
     aux = os.path.join(path, AUX)
-    outputs: list[str] = []
+    outputs: list[Output] = []
     f = None
-    used = 0
+    tmp = ""
+    used = size = crc = 0
+
+    def start() -> None:
+        nonlocal f, tmp, used, size, crc
+        fd, tmp = create_temp(aux, f"{TMP_PREFIX}{len(outputs)}-")
+        f = os.fdopen(fd, "wb")
+        used = size = crc = 0
+
+    def seal() -> None:
+        assert f is not None
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        outputs.append(Output(tmp, size, crc))
+
     try:
         for data, units in codec.encode_state(list(state.items()), max_units):
             if f is None or used + units > max_units:
                 if f is not None:
-                    f.flush()
-                    os.fsync(f.fileno())
-                    f.close()
-                outputs.append(os.path.join(aux, f"{TMP_PREFIX}{os.getpid()}-{len(outputs)}.tmp"))
-                f = open(outputs[-1], "wb")  # noqa: SIM115
-                used = 0
+                    seal()
+                start()
+            assert f is not None
             f.write(data)
             used += units
+            size += len(data)
+            crc = zlib.crc32(data, crc)
         if f is None:  # an empty state still gets a (empty) first part: the log's start
-            outputs.append(os.path.join(aux, f"{TMP_PREFIX}{os.getpid()}-0.tmp"))
-            f = open(outputs[-1], "wb")  # noqa: SIM115
-        f.flush()
-        os.fsync(f.fileno())
+            start()
+        seal()
     except BaseException:
-        if f is not None:
+        if f is not None and not f.closed:
             try:
                 f.close()  # flushes what is buffered: may fail again on a full disk
             except OSError:
                 pass
-            f = None
-        for tmp in outputs:
+        for gone in [o.path for o in outputs] + ([tmp] if tmp else []):
             try:
-                os.unlink(tmp)
+                os.unlink(gone)
             except FileNotFoundError:
                 pass
         raise
@@ -90,53 +114,85 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
     return outputs
 
 
-def switch(path: str, outputs: list[str], number: int, inputs: list[str],
+def switch(path: str, outputs: list[Output], number: int, inputs: list[str],
            needed: int | None, dirlock: DirLock) -> None:
     """Put the outputs in place of the inputs (writer lock held).
 
     Under the directory lock held exclusively, so no reader lists the directory halfway:
     rename the outputs to parts 1, 2, ... of ``number`` (each compaction seals a new
-    segment first, so ``number`` was never compacted before); record the switch in
-    ``.mpkv/compacted`` (from then on ``list_log`` ignores the inputs, even after a
-    crash); move inputs a live watcher still needs (number >= ``needed``) to
-    ``.mpkv/retained/`` and delete the others; drop the record."""
+    segment first, so ``number`` was never compacted before); commit the switch by
+    writing ``.mpkv/compacted`` with every output's size and checksum (from then on
+    ``list_log`` ignores the inputs, even after a crash; before, it ignores the
+    outputs, as segment ``number`` is still there); move inputs a live watcher still
+    needs (number >= ``needed``) to ``.mpkv/retained/`` and delete the others; drop the
+    record."""
     with dirlock.exclusive():
-        for k, tmp in enumerate(outputs, start=1):
+        for k, out in enumerate(outputs, start=1):
             target = os.path.join(path, segment_name(number, k))
             if os.path.exists(target):
                 raise Error(f"{target}: compaction output exists already; not overwriting it")
-            os.rename(tmp, target)
+            os.rename(out.path, target)
         fsync_dir(path)
         aux = os.path.join(path, AUX)
-        write_atomically(os.path.join(aux, SWITCH), str(number).encode())
+        record = Switch(number, tuple((out.size, out.crc) for out in outputs))
+        write_atomically(os.path.join(aux, SWITCH), record.encode())
         _retire(path, inputs, needed)
         os.unlink(os.path.join(aux, SWITCH))
         fsync_dir(aux)
 
 
 def _retire(path: str, inputs: list[str], needed: int | None) -> None:
+    """Through a descriptor of ``.mpkv/retained``: a link put in its place cannot make
+    compaction delete or move files anywhere else."""
     kept = os.path.join(path, AUX, RETAINED)
-    old = list_segments(kept) if os.path.isdir(kept) else []
-    for name in old:  # what watchers no longer need
-        if needed is None or parse_name(name)[0] < needed:  # type: ignore[index]
-            os.unlink(os.path.join(kept, name))
-    for name in inputs:
-        if needed is not None and parse_name(name)[0] >= needed:  # type: ignore[index]
-            os.makedirs(kept, exist_ok=True)
-            os.rename(os.path.join(path, name), os.path.join(kept, name))
-        else:
-            os.unlink(os.path.join(path, name))
+    keep = [n for n in inputs
+            if needed is not None and parse_name(n)[0] >= needed]  # type: ignore[index]
+    if keep:
+        make_dir(kept)
+    try:
+        fd = open_dir(kept)
+    except FileNotFoundError:
+        fd = -1
+    try:
+        old = sorted(n for n in os.listdir(fd) if parse_name(n)) if fd >= 0 else []
+        for name in old:  # what watchers no longer need
+            if needed is None or parse_name(name)[0] < needed:  # type: ignore[index]
+                os.unlink(name, dir_fd=fd)
+        for name in inputs:
+            if name in keep:
+                os.rename(os.path.join(path, name), name, dst_dir_fd=fd)
+            else:
+                os.unlink(os.path.join(path, name))
+    finally:
+        if fd >= 0:
+            os.close(fd)
     fsync_dir(path)
 
 
 def tidy(path: str, needed: int | None, dirlock: DirLock) -> None:
-    """Finish a switch a crash interrupted, and delete outputs of a compaction that died
-    before its switch (compaction lock held)."""
+    """Clean up after a compaction that died (compaction lock held): delete its
+    temporary files and the outputs it renamed before its switch was committed (the
+    log ignores them: their segment b is still there), or finish its committed switch.
+
+    Inputs are deleted only on the word of a marker that checks out, contents included:
+    a stray or damaged marker raises CorruptionError and nothing is deleted."""
     for tmp in glob.glob(os.path.join(path, AUX, f"{TMP_PREFIX}*.tmp")):
         os.unlink(tmp)
-    marker = os.path.join(path, AUX, SWITCH)
-    if os.path.exists(marker):
-        with dirlock.exclusive():
-            live = set(list_log(path))
-            _retire(path, [n for n in list_segments(path) if n not in live], needed)
-            os.unlink(marker)
+    names = list_segments(path)
+    record = read_switch(path, names)
+    if record is not None:
+        check_switch(path, record)
+    live = set(log_of(path, names, record))
+    dead = [n for n in names if n not in live]  # inputs (committed) or stray outputs
+    if not dead and record is None:
+        return
+    with dirlock.exclusive():
+        if record is not None:
+            _retire(path, dead, needed)
+            os.unlink(os.path.join(path, AUX, SWITCH))
+            fsync_dir(os.path.join(path, AUX))
+        else:
+            for name in dead:
+                assert parse_name(name)[1], name  # type: ignore[index]
+                os.unlink(os.path.join(path, name))
+            fsync_dir(path)

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import LockTimeout
+from .files import open_regular
 
 
 def _flock_within(fd: int, path: str, what: str, timeout: float) -> None:
@@ -61,7 +62,7 @@ class WriterLock:
     def __init__(self, path: str, timeout: float | None) -> None:
         self.path = path
         self.timeout = timeout
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_regular(path, os.O_RDWR | os.O_CREAT)
         self.depth = 0
 
     def acquire(self) -> None:
@@ -91,7 +92,7 @@ class CompactionLock:
 
     def acquire(self, wait: bool) -> bool:
         """Take the lock; with ``wait=False`` give up at once (False) if it is held."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -120,10 +121,12 @@ class DirLock:
         self.path = path
         try:
             if writable:
-                self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                self.fd: int | None = open_regular(path, os.O_RDWR | os.O_CREAT)
             else:
-                self.fd = os.open(path, os.O_RDONLY)
-        except OSError:
+                self.fd = open_regular(path, os.O_RDONLY)
+        except FileNotFoundError:  # readonly, and no writer ever created it
+            self.fd = None
+        except OSError:  # readonly in a directory it may not read: threads only
             self.fd = None
         self._cond = threading.Condition(threading.Lock())
         # Guarded by _cond: threads of this process holding it shared, whether one holds

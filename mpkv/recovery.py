@@ -13,13 +13,35 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .codec import Codec
+from . import compaction
+from .codec import Codec, Puts
 from .errors import CorruptionError, FormatError
-from .locks import WriterLock
-from .segments import AUX, INTENT, LOCK, Meta, fsync_dir, list_log, read_intent, read_meta
-from .snapshot import write_atomically
-
-QUARANTINE = "quarantine"
+from .files import fsync_dir, make_dir, open_regular, read_capped, save_new, write_atomically
+from .locks import DirLock, WriterLock
+from .segments import (
+    AUX,
+    DIRLOCK,
+    INTENT,
+    LOCK,
+    META,
+    QUARANTINE,
+    SWITCH,
+    SWITCH_MAX_BYTES,
+    Meta,
+    Switch,
+    check_store_dir,
+    check_switch,
+    check_written,
+    gap_message,
+    list_segments,
+    log_gap,
+    log_of,
+    parse_name,
+    read_intent,
+    read_meta,
+    read_switch,
+    segment_name,
+)
 
 
 @dataclass
@@ -63,7 +85,8 @@ def _scan(codec: Codec, file: str, data: bytes, newest: bool
     while pos < len(data):
         rest = data[pos:]
         dec = codec.decode(rest)
-        records += len(dec.batches)
+        # a record is one put or delete (what a user wrote), however units pack them
+        records += sum(len(b.keys) if isinstance(b, Puts) else len(b) for b in dec.batches)
         if dec.stop:
             good.append((pos, pos + dec.stop))
         pos += dec.stop
@@ -79,9 +102,11 @@ def _scan(codec: Codec, file: str, data: bytes, newest: bool
 
 
 def _meta(path: str) -> Meta:
-    meta = read_meta(path) if os.path.isdir(path) else None
+    meta = read_meta(path) if os.path.isdir(path) and check_store_dir(path) else None
     if meta is None:
         raise FormatError(f"{path}: not an mpkv store")
+    # Metadata naming the wrong format would make every record look damaged.
+    check_written(path, meta.format, os.path.join(path, AUX, META))
     return meta
 
 
@@ -90,19 +115,26 @@ Progress = Callable[[list[str]], Iterable[str]]
 
 def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Report:
     """Scan every segment of the log; with ``fix``, quarantine damage and rewrite."""
-    names = list_log(path)
-    report = Report(segments=len(names))
-    for i, name in enumerate(progress(names) if progress else names):
+    report = Report()
+    names = list_segments(path)
+    log = log_of(path, names, _check_marker(path, names, fix, report))
+    report.segments = len(log)
+    for i, name in enumerate(progress(log) if progress else log):
         file = os.path.join(path, name)
-        with open(file, "rb") as f:
+        with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
             data = f.read()
-        records, good, damage = _scan(meta.codec, file, data, newest=i == len(names) - 1)
+        records, good, damage = _scan(meta.codec, file, data, newest=i == len(log) - 1)
         report.records += records
         report.bytes += len(data)
         report.damage += damage
         if fix and damage:
             report.quarantined += _quarantine(path, name, data, damage)
             write_atomically(file, b"".join(data[a:b] for a, b in good))
+    while (gap := log_gap(log)) is not None:
+        report.damage.append(Damage(os.path.join(path, gap[1]), 0, 0, gap_message(path, gap)))
+        if not fix or not _bridge(path, meta, log, gap[1]):
+            break
+        log = log_of(path, list_segments(path), None)
     if meta.format == "text":
         _examine_intent(path, fix, report)
     return report
@@ -110,25 +142,67 @@ def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Rep
 
 def _examine_intent(path: str, fix: bool, report: Report) -> None:
     """A ``.mpkv/txn`` that does not match the segments is damage, never an instruction:
-    ``repair`` moves it into the quarantine folder whole."""
+    reported, and with ``fix`` moved into the quarantine whole (the log stays as is)."""
     try:
         read_intent(path)
         return
-    except CorruptionError as exc:
+    except (CorruptionError, FormatError) as exc:
         problem = str(exc)
     file = os.path.join(path, AUX, INTENT)
     try:
-        size = os.lstat(file).st_size
-    except FileNotFoundError:  # gone meanwhile
-        return
-    report.damage.append(Damage(file, 0, size, problem))
+        data = read_capped(file, 4096) or b""
+    except FormatError:  # a link, a special file or a huge one: keep its name only
+        data = b""
+    report.damage.append(Damage(file, 0, len(data), problem))
     if fix:
         folder = os.path.join(path, AUX, QUARANTINE)
-        os.makedirs(folder, exist_ok=True)
-        target = os.path.join(folder, f"{INTENT}.{os.urandom(6).hex()}.bad")
-        os.rename(file, target)
+        make_dir(folder)
+        report.quarantined.append(save_new(folder, INTENT, ".bad", data))
+        os.unlink(file)
         fsync_dir(os.path.join(path, AUX))
-        report.quarantined.append(target)
+
+
+def _check_marker(path: str, names: list[str], fix: bool, report: Report) -> Switch | None:
+    """The committed compaction switch, if the marker checks out; a marker that does not
+    is damage: reported, and with ``fix`` moved into the quarantine (the log is then
+    read without it: every input it would have hidden counts again)."""
+    marker = os.path.join(path, AUX, SWITCH)
+    try:
+        switch = read_switch(path, names)
+        if switch is not None:
+            check_switch(path, switch)
+        return switch
+    except CorruptionError as exc:
+        data = read_capped(marker, SWITCH_MAX_BYTES) or b""
+        report.damage.append(Damage(marker, 0, len(data), str(exc)))
+        if fix:
+            folder = os.path.join(path, AUX, QUARANTINE)
+            make_dir(folder)
+            report.quarantined.append(save_new(folder, SWITCH, ".bad", data))
+            os.unlink(marker)
+            fsync_dir(os.path.join(path, AUX))
+        return None
+
+
+def _bridge(path: str, meta: Meta, log: list[str], after: str) -> bool:
+    """Make the log whole again across missing segments ending before ``after``: the
+    segments before the gap are compacted into outputs that end just before ``after``
+    (through a committed switch, as compaction does), so the log reads them, then
+    ``after`` on. The missing segments' records are lost. False when ``after`` is a
+    compaction output (nothing can continue into it)."""
+    number, part = parse_name(after)  # type: ignore[misc]
+    bridge = number - 1
+    if part or bridge < 1 or os.path.exists(os.path.join(path, segment_name(bridge, 1))):
+        return False
+    inputs = log[: log.index(after)]
+    state = compaction.replay(path, meta.codec, inputs)
+    outputs = compaction.write_outputs(path, meta.codec, state, meta.max_segment_bytes)
+    dirlock = DirLock(os.path.join(path, AUX, DIRLOCK), writable=True)
+    try:
+        compaction.switch(path, outputs, bridge, inputs, None, dirlock)
+    finally:
+        dirlock.close()
+    return True
 
 
 def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) -> Report:
@@ -153,11 +227,7 @@ def repair(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
 
 def _quarantine(path: str, name: str, data: bytes, damage: list[Damage]) -> list[str]:
     folder = os.path.join(path, AUX, QUARANTINE)
-    os.makedirs(folder, exist_ok=True)
-    saved = []
-    for d in damage:
-        target = os.path.join(folder, f"{name}.{d.offset}.bad")
-        write_atomically(target, data[d.offset : d.offset + d.length])
-        saved.append(target)
+    make_dir(folder)
     fsync_dir(os.path.join(path, AUX))
-    return saved
+    return [save_new(folder, f"{name}.{d.offset}", ".bad", data[d.offset : d.offset + d.length])
+            for d in damage]

@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import snapshot
 from .codec import Op, Value
-from .errors import ClosedError, Error, FormatError, LockTimeout, ReadOnlyError
+from .errors import ClosedError, CorruptionError, Error, FormatError, LockTimeout, ReadOnlyError
 from .mapping import MISSING, StoreMapping, TransactionMapping
 from .store import _check_options, _fork_epoch
 
@@ -180,7 +180,8 @@ def _parse_url(url: str) -> tuple[str, str, str]:
     """Split off mpkv's query parameter: (url for redis-py, namespace, address shown in
     messages, without credentials)."""
     if not url.startswith(SCHEMES):
-        raise RedisURLError(f"{url!r}: a Redis URL starts with redis://, rediss:// or unix://")
+        raise RedisURLError(f"{_redact(url)!r}: a Redis URL starts with redis://, rediss:// "
+                            "or unix://")
     try:
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
@@ -215,12 +216,22 @@ def _parse_url(url: str) -> tuple[str, str, str]:
     return clean, namespace, address
 
 
+#: Query parameters whose value is a credential: never shown in a message.
+_SECRET_PARAMS = ("password", "pass", "passwd", "token", "secret", "auth", "username", "user")
+
+
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, ""))
+    """``url`` fit for an error message: user info and credential parameters masked."""
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[-1]
+    clean = [(n, "***" if n.lower() in _SECRET_PARAMS else v) for n, v in query]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(clean, safe="*"), ""))
 
 
 class RedisStore(StoreMapping):
@@ -330,11 +341,20 @@ class RedisStore(StoreMapping):
             if kind not in (b"none", want):
                 raise FormatError(f"{self.path}: key {key.decode()!r} is a "
                                   f"{kind.decode()}, not an mpkv {want.decode()}")
-        self._seen = int(seq or 0)
+        self._seen = self._seq_value(seq)
         if self.max_staleness != 0:
             self._reload()
 
     # --- errors -----------------------------------------------------------------------
+
+    def _seq_value(self, raw: bytes | None) -> int:
+        """The commit counter, which another client of the server could have overwritten."""
+        try:
+            return int(raw or 0)
+        except ValueError:
+            shown = (raw or b"")[:40]
+            raise CorruptionError(f"{self.path}: key {self._seq.decode()!r} holds {shown!r}, "
+                                  "not a commit count") from None
 
     def _fail(self, exc: redis.RedisError, doing: str) -> Error:
         """One clear mpkv error naming the server for anything redis-py raises."""
@@ -473,7 +493,7 @@ class RedisStore(StoreMapping):
         if self._view is not None:
             with self._view_mutex:
                 return self._pull()
-        seq = int(self._read("GET", self._seq) or 0)
+        seq = self._seq_value(self._read("GET", self._seq))
         applied, self._seen = max(seq - self._seen, 0), seq
         return applied
 
@@ -490,7 +510,7 @@ class RedisStore(StoreMapping):
         view = {k.decode("utf-8"): _dec_value(v) for k, v in raw.items()}
         with self._view_mutex:
             old = self._view_seq
-            self._view, self._view_seq = view, int(seq or 0)
+            self._view, self._view_seq = view, self._seq_value(seq)
             self._last_refresh = started
         return max(self._view_seq - old, 0)
 
@@ -507,7 +527,7 @@ class RedisStore(StoreMapping):
                 pipe.get(self._seq)
                 pipe.xread({self._log: f"{last[0]}-{last[1]}"}, count=10_000)
                 seq_raw, reply = pipe.execute()
-                seq = int(seq_raw or 0)
+                seq = self._seq_value(seq_raw)
                 if seq < self._view_seq:
                     return self._reload()
                 entries = reply[0][1] if reply else []
@@ -680,7 +700,7 @@ class RedisStore(StoreMapping):
 
     def serialize(self, file_path: str | os.PathLike[str]) -> None:
         """Write the current state (one atomic HGETALL) to one file, atomically."""
-        snapshot.write_atomically(os.fspath(file_path), snapshot.encode(self._server_items()))
+        snapshot.write(os.fspath(file_path), snapshot.encode(self._server_items()))
 
     def _server_items(self) -> dict[str, Value]:
         self._check()
@@ -714,7 +734,7 @@ class RedisStore(StoreMapping):
         """Yield ``(key, value)`` (None for a delete) for every change committed by any
         client after this call, in commit order; stop after ``timeout`` idle seconds."""
         self._check()
-        start = int(self._read("GET", self._seq) or 0)
+        start = self._seq_value(self._read("GET", self._seq))
         return self._watching(start, prefix, timeout)
 
     def _watching(self, start: int, prefix: str,

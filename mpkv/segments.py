@@ -9,14 +9,27 @@ so no other file can be taken for a segment. See docs/format.md and docs/protoco
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
-import stat
+import zlib
 from dataclasses import dataclass
 
-from .codec import Batch, Codec, Op, codec_for, ops_of
+from .codec import (
+    HEADER,
+    RECORD_OPS,
+    RECORD_OPS_MORE,
+    RECORD_PACKED,
+    Batch,
+    Codec,
+    Op,
+    codec_for,
+    ops_of,
+)
 from .errors import CorruptionError, Error, FormatError
+from .files import check_dir, make_dir, open_dir, open_regular, read_capped, write_temp
+from .files import fsync_dir as fsync_dir
 from .locks import DirLock
 
 AUX = ".mpkv"
@@ -26,11 +39,15 @@ SHM = "shm"
 READERS = "readers"
 INTENT = "txn"
 DIRLOCK = "dirlock"  # shared: listing + opening a segment; exclusive: compaction's switch
-SWITCH = "compacted"  # "b": compaction b's outputs are all in place; its inputs go
+SWITCH = "compacted"  # a committed compaction switch (``Switch``): its inputs go
 RETAINED = "retained"  # compacted inputs a live watcher has not read yet
+QUARANTINE = "quarantine"  # damaged bytes repair moved aside
 MAGIC = "mpkv"
 VERSION = 1
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
+#: Largest side file (meta, txn, compacted, a readers entry) mpkv reads: they hold a few
+#: dozen bytes, and one that a link or a stray writer made huge must not fill memory.
+SIDE_FILE_CAP = 4096
 
 _NAME = re.compile(r"^(\d{12})(?:\.(\d{4}))?\.seg$")
 
@@ -52,18 +69,160 @@ def list_segments(path: str) -> list[str]:
     return sorted(n for n in os.listdir(path) if _NAME.match(n))
 
 
-def list_log(path: str) -> list[str]:
-    """The segments that make up the log, in order. After a compaction recorded its
-    switch (all outputs in place), the inputs it replaced no longer count, even if a
-    crash left some behind (docs/compaction.md)."""
-    names = list_segments(path)
+#: The most bytes ``.mpkv/compacted`` can hold (9999 parts of a few dozen bytes each).
+SWITCH_MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A committed compaction switch, as ``.mpkv/compacted`` records it: compaction
+    ``number``'s outputs ``number.0001 ... number.K`` are all in place, with these
+    ``(size, CRC-32)``; its inputs no longer count."""
+
+    number: int
+    parts: tuple[tuple[int, int], ...]
+
+    def encode(self) -> bytes:
+        body = f"{self.number} {len(self.parts)}\n" + "".join(
+            f"{size} {crc:08x}\n" for size, crc in self.parts)
+        return (body + f"{zlib.crc32(body.encode('ascii')):08x}\n").encode("ascii")
+
+
+def _parse_switch(data: bytes) -> Switch | None:
+    """The switch ``data`` records, None unless it is exactly the layout ``encode``
+    writes with a matching checksum (a torn, stray or hand-written file is not one)."""
     try:
-        with open(os.path.join(path, AUX, SWITCH), encoding="ascii") as f:
-            switched = int(f.read())
-    except (FileNotFoundError, ValueError):
-        return names
-    first = segment_name(switched, 1)
-    return [n for n in names if n >= first and n != segment_name(switched)]
+        lines = data.decode("ascii").split("\n")
+        if lines[-1] != "" or len(lines) < 4:
+            return None
+        body = "".join(line + "\n" for line in lines[:-2])
+        check = lines[-2]
+        if len(check) != 8 or int(check, 16) != zlib.crc32(body.encode("ascii")):
+            return None
+        number, count = (int(x) for x in lines[0].split(" "))
+        parts = []
+        for line in lines[1:-2]:
+            size, crc = line.split(" ")
+            parts.append((int(size), int(crc, 16)))
+    except ValueError:
+        return None
+    switch = Switch(number, tuple(parts))
+    if count != len(parts) or not 1 <= count <= 9999 or switch.encode() != data:
+        return None
+    return switch
+
+
+def read_switch(path: str, names: list[str] | None = None) -> Switch | None:
+    """The committed switch ``.mpkv/compacted`` records, None when there is none.
+
+    The marker is checked against the files, never obeyed blindly: it must parse with
+    its own checksum, and every output it announces must be present (in ``names``, the
+    directory's segments) with the recorded size, and no further part. Anything else is
+    damage: CorruptionError naming the marker. (``check_switch`` also compares the
+    outputs' checksums; that reads them, so only compaction and verify do it.)"""
+    file = os.path.join(path, AUX, SWITCH)
+    try:
+        data = read_capped(file, SWITCH_MAX_BYTES)
+    except (OSError, FormatError) as exc:
+        raise CorruptionError(f"{file}: unreadable compaction marker: {exc}", file, 0) from None
+    if data is None:
+        return None
+    switch = _parse_switch(data)
+    if switch is None:
+        raise CorruptionError(f"{file}: not a valid compaction marker ({len(data)} bytes): "
+                              "a stray or damaged file; run mpkv repair", file, 0)
+    present = set(list_segments(path) if names is None else names)
+    for k, (size, _) in enumerate(switch.parts, start=1):
+        part = os.path.join(path, segment_name(switch.number, k))
+        try:
+            actual = os.stat(part).st_size if segment_name(switch.number, k) in present else -1
+        except FileNotFoundError:
+            actual = -1
+        if actual != size:
+            found = "missing" if actual < 0 else f"{actual} bytes"
+            raise CorruptionError(f"{file}: the compaction marker announces {part} of {size} "
+                                  f"bytes, but it is {found}; run mpkv repair", file, 0)
+    extra = segment_name(switch.number, len(switch.parts) + 1)
+    if extra in present:
+        raise CorruptionError(f"{file}: the compaction marker announces "
+                              f"{len(switch.parts)} outputs, but {extra} exists too; "
+                              "run mpkv repair", file, 0)
+    return switch
+
+
+def check_switch(path: str, switch: Switch) -> None:
+    """Compare the outputs' contents with the checksums the marker recorded: required
+    before anything is deleted on the marker's word. CorruptionError when one differs."""
+    file = os.path.join(path, AUX, SWITCH)
+    for k, (_, crc) in enumerate(switch.parts, start=1):
+        part = os.path.join(path, segment_name(switch.number, k))
+        if file_crc(part) != crc:
+            raise CorruptionError(f"{file}: {part} does not match the checksum the compaction "
+                                  "marker recorded; run mpkv repair", file, 0)
+
+
+def file_crc(file: str) -> int:
+    crc = 0
+    with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def log_of(path: str, names: list[str], switch: Switch | None) -> list[str]:
+    """The segments among ``names`` that make up the log, in order.
+
+    After a committed switch (``switch``), the inputs it replaced no longer count, even
+    if a crash left some behind. Outputs of a compaction whose switch is not committed
+    (its segment ``b`` is still there) do not count: they only repeat what the inputs
+    say, and may be incomplete."""
+    if switch is not None:
+        first = segment_name(switch.number, 1)
+        names = [n for n in names if n >= first and n != segment_name(switch.number)]
+    present = set(names)
+    out = []
+    for name in names:
+        number, part = parse_name(name)  # type: ignore[misc]
+        if part == 0 or segment_name(number) not in present:
+            out.append(name)
+    return out
+
+
+def log_gap(names: list[str]) -> tuple[str | None, str] | None:
+    """Where the log ``names`` is not contiguous: ``(before, after)`` around the first
+    gap (``before`` None when the log does not start at segment 1 or at the first part
+    of a compaction output), None when it is whole."""
+    if not names:
+        return None
+    first = parse_name(names[0])
+    if first is None or first[1] > 1 or (first[1] == 0 and first[0] != 1):
+        return None, names[0]
+    for prev, nxt in itertools.pairwise(names):
+        if not follows(prev, nxt):
+            return prev, nxt
+    return None
+
+
+def gap_message(path: str, gap: tuple[str | None, str]) -> str:
+    before, after = gap
+    if before is None:
+        return (f"{path}: the log starts at {after}: the segments before it are missing "
+                "(their records are lost); run mpkv repair")
+    return (f"{path}: segments missing between {before} and {after} (their records are "
+            "lost); run mpkv repair")
+
+
+def list_log(path: str) -> list[str]:
+    """The segments that make up the log, in order (``log_of``), listing the directory
+    once. CorruptionError when the compaction marker does not check out or when
+    segments are missing from the log (a gap)."""
+    names = list_segments(path)
+    log = log_of(path, names, read_switch(path, names))
+    gap = log_gap(log)
+    if gap is not None:
+        after = os.path.join(path, gap[1])
+        raise CorruptionError(gap_message(path, gap), after, 0)
+    return log
 
 
 def follows(prev: str, nxt: str) -> bool:
@@ -78,14 +237,6 @@ def follows(prev: str, nxt: str) -> bool:
     if np_ == 0:
         return nm == pm + 1
     return pp != 0 and nm == pm and np_ == pp + 1
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- metadata -------------------------------------------------------------------
@@ -105,24 +256,71 @@ def read_meta(path: str) -> Meta | None:
     """The store's metadata, None when the file does not exist (yet)."""
     file = os.path.join(path, AUX, META)
     try:
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
+        data = read_capped(file, SIDE_FILE_CAP)
+        if data is None:
+            return None
+        raw = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
         raise FormatError(f"{file}: unreadable store metadata: {exc}") from None
     if not isinstance(raw, dict) or raw.get("magic") != MAGIC:
         raise FormatError(f"{file}: not mpkv metadata (bad magic)")
     if raw.get("version") != VERSION:
         raise FormatError(f"{file}: unsupported format version {raw.get('version')!r}")
     fmt, limit = raw.get("format"), raw.get("max_segment_bytes")
-    if fmt not in ("binary", "text") or not isinstance(limit, int) or limit < 1:
+    if (fmt not in ("binary", "text") or not isinstance(limit, int)
+            or isinstance(limit, bool) or limit < 1):
         raise FormatError(f"{file}: bad format {fmt!r} or max_segment_bytes {limit!r}")
     return Meta(fmt, limit)
 
 
+_SNIFF_CAP = 1 << 20
+
+
+def written_format(path: str) -> tuple[str, str] | None:
+    """``(format, file)``: the format the log's first record is written in, judged from
+    its bytes, or None when no segment holds a recognisable first record. A binary
+    record is recognised by its checksum, a text one by ``P|``/``D|``; so metadata that
+    names the wrong format (edited, or lost and recreated) is caught before any writer
+    takes the other format's records for a torn tail and truncates them."""
+    for name in list_segments(path):  # any segment will do: no need to judge the log
+        file = os.path.join(path, name)
+        try:
+            fd = open_regular(file, os.O_RDONLY)
+        except FileNotFoundError:  # compacted away meanwhile
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, HEADER.size, 0)
+            if len(head) < 2:
+                continue
+            crc, length, kind = HEADER.unpack(head) if len(head) == HEADER.size else (0, 0, 0)
+            text = head[:2] in (b"P|", b"D|")
+            if kind in (RECORD_OPS, RECORD_OPS_MORE, RECORD_PACKED) and (
+                    HEADER.size + length <= size):
+                if length > _SNIFF_CAP:  # too big to checksum at every open
+                    return ("text" if text else "binary"), file
+                record = os.pread(fd, HEADER.size + length, 0)
+                if zlib.crc32(record[4:]) == crc:
+                    return "binary", file
+            return ("text", file) if text else None
+        finally:
+            os.close(fd)
+    return None
+
+
+def check_written(path: str, fmt: str, source: str) -> None:
+    """FormatError when the segments are written in another format than ``fmt``
+    (which ``source`` says); nothing is written before this check."""
+    written = written_format(path)
+    if written is not None and written[0] != fmt:
+        raise FormatError(f"{written[1]}: holds {written[0]} records, but {source} says "
+                          f"{fmt!r}; refusing to open (a writer would truncate them)")
+
+
 def check_store_dir(path: str) -> bool:
-    """Raise FormatError unless ``path`` can hold a store; True when it exists."""
+    """Raise FormatError unless ``path`` can hold a store; True when it exists.
+    ``.mpkv`` and its folders must be real directories, never links: files mpkv
+    creates, truncates or deletes in them must stay inside the store."""
     if not os.path.exists(path):
         return False
     if not os.path.isdir(path):
@@ -130,6 +328,10 @@ def check_store_dir(path: str) -> bool:
     entries = os.listdir(path)
     if entries and AUX not in entries:
         raise FormatError(f"{path}: a non-empty directory that is not an mpkv store")
+    aux = os.path.join(path, AUX)
+    if check_dir(aux):
+        for folder in (READERS, RETAINED, QUARANTINE):
+            check_dir(os.path.join(aux, folder))
     return True
 
 
@@ -140,15 +342,10 @@ def create_meta(path: str, meta: Meta) -> Meta:
     fails if the name exists, so racing creators agree on exactly one metadata file.
     """
     aux = os.path.join(path, AUX)
-    os.makedirs(aux, exist_ok=True)
-    tmp = os.path.join(aux, f"meta.tmp.{os.getpid()}.{id(meta)}")
+    make_dir(aux)
     body = {"magic": MAGIC, "version": VERSION, "format": meta.format,
             "max_segment_bytes": meta.max_segment_bytes}
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(body, f)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = write_temp(aux, "meta.tmp.", (json.dumps(body) + "\n").encode("utf-8"))
     try:
         os.link(tmp, os.path.join(aux, META))
         fsync_dir(aux)
@@ -171,6 +368,7 @@ def create_meta(path: str, meta: Meta) -> Meta:
 # unfinished commit). The file is never obeyed blindly: ``read_intent`` checks it
 # against the segments, and binary stores never read it (docs/format.md).
 
+_INTENT_MAX_BYTES = 64
 _INTENT_LINE = re.compile(rb"(\d{1,12}) (\d{1,19}) (\d{1,19})\n")
 
 
@@ -178,21 +376,12 @@ def write_intent(path: str, number: int, offset: int, length: int, durable: bool
     """Written whole under a unique name, then renamed into place: a reader never sees
     half of it. ``length``: the bytes the commit appends from ``(number, offset)`` on."""
     aux = os.path.join(path, AUX)
-    tmp = os.path.join(aux, f"{INTENT}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    tmp = write_temp(aux, f"{INTENT}.", f"{number} {offset} {length}\n".encode("ascii"),
+                     durable)
     try:
-        try:
-            os.write(fd, f"{number} {offset} {length}\n".encode("ascii"))
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
         os.replace(tmp, os.path.join(aux, INTENT))
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        os.unlink(tmp)
         raise
     if durable:
         fsync_dir(aux)
@@ -203,20 +392,10 @@ def read_intent(path: str) -> tuple[int, int] | None:
     there is none. Raises CorruptionError when the file is not an intent this store's
     segments can have left: bad syntax, a segment that does not exist or is not the
     log's end, an offset past the file or not at a line's start, or more bytes after it
-    than the commit was to write."""
+    than the commit was to write. FormatError when it is a link, a special file or huge
+    (never followed, never read whole)."""
     file = os.path.join(path, AUX, INTENT)
-    try:
-        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise CorruptionError(f"{file}: unreadable transaction intent: {exc}", file, 0) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CorruptionError(f"{file}: transaction intent is not a regular file", file, 0)
-        data = os.read(fd, 64)
-    finally:
-        os.close(fd)
+    data = read_capped(file, _INTENT_MAX_BYTES)
     if not data:  # written whole then renamed: empty only when power loss lost it
         return None
     m = _INTENT_LINE.fullmatch(data)
@@ -252,14 +431,23 @@ def _intent_problem(path: str, number: int, offset: int, length: int) -> str:
         if offset > size:
             return f"offset past the segment's {size} bytes"
         if offset:
-            with open(os.path.join(path, segment_name(number)), "rb") as f:
-                f.seek(offset - 1)
-                if f.read(1) != b"\n":
+            fd = open_regular(os.path.join(path, segment_name(number)), os.O_RDONLY)
+            try:
+                if os.pread(fd, 1, offset - 1) != b"\n":
                     return "offset is not at the start of a line"
+            finally:
+                os.close(fd)
         after = size - offset + sum(s for n, s in appended.items() if n > number)
     if after > length:
         return f"{after} bytes follow it, more than the commit's {length}"
     return ""
+
+
+def discard_intent(path: str) -> None:
+    """Remove an intent a trusted commit point makes meaningless (commits remove theirs
+    before publishing). A link, special file or huge file there raises FormatError."""
+    read_capped(os.path.join(path, AUX, INTENT), _INTENT_MAX_BYTES)
+    clear_intent(path)
 
 
 def clear_intent(path: str) -> None:
@@ -271,13 +459,21 @@ def clear_intent(path: str) -> None:
 
 def truncate_log(path: str, number: int, offset: int) -> None:
     """Cut the log at ``offset`` of segment ``number``: later appended segments are
-    deleted (compaction outputs are older than any segment a commit appends to)."""
-    for name in list_segments(path):
+    deleted, the newest first, so that a reader listing meanwhile never sees a gap
+    (compaction outputs are older than any segment a commit appends to). Never extends
+    a file. (Unlinking a name never follows a link; the truncated file is opened
+    without.)"""
+    for name in reversed(list_segments(path)):
         major, part = parse_name(name)  # type: ignore[misc]
         if major > number and not part:
             os.unlink(os.path.join(path, name))
         elif major == number and not part:
-            os.truncate(os.path.join(path, name), offset)
+            fd = open_regular(os.path.join(path, name), os.O_WRONLY)
+            try:
+                if os.fstat(fd).st_size > offset:
+                    os.ftruncate(fd, offset)
+            finally:
+                os.close(fd)
     fsync_dir(path)
 
 
@@ -289,11 +485,13 @@ def truncate_log(path: str, number: int, offset: int) -> None:
 
 def register_reader(path: str, token: str, number: int) -> None:
     folder = os.path.join(path, AUX, READERS)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{token}.tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(str(number))
-    os.replace(tmp, os.path.join(folder, token))
+    make_dir(folder)
+    tmp = write_temp(folder, f".{token}.", str(number).encode("ascii"), durable=False)
+    try:
+        os.replace(tmp, os.path.join(folder, token))
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def unregister_reader(path: str, token: str) -> None:
@@ -307,25 +505,42 @@ _TOKEN = re.compile(r"[1-9]\d{0,9}-\d{1,24}")  # "<pid>-<id>": see Store._token
 
 
 def oldest_needed(path: str) -> int | None:
-    """The oldest segment number a live registered reader still needs."""
+    """The oldest segment number a live registered reader still needs. Entries that
+    are not ``<pid>-<id>`` holding a number are not mpkv's and are ignored; the folder
+    is used through a descriptor, so nothing outside it is ever deleted."""
     folder = os.path.join(path, AUX, READERS)
+    try:
+        fd = open_dir(folder)
+    except FileNotFoundError:
+        return None
     numbers = []
-    for token in os.listdir(folder) if os.path.isdir(folder) else []:
-        if not _TOKEN.fullmatch(token):  # a temporary file, or not ours: skip it
-            continue
-        pid = int(token.split("-")[0])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:  # that reader died: forget it
-            unregister_reader(path, token)
-            continue
-        except (PermissionError, OverflowError):
-            pass
-        try:
-            with open(os.path.join(folder, token), encoding="ascii") as f:
-                numbers.append(int(f.read(32)))
-        except (OSError, ValueError):
-            continue
+    try:
+        for token in os.listdir(fd):
+            pid_text = token.split("-")[0]
+            if not _TOKEN.fullmatch(token):  # a temporary file, or not ours
+                continue
+            try:
+                os.kill(int(pid_text), 0)
+            except ProcessLookupError:  # that reader died: forget it
+                try:
+                    os.unlink(token, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                continue
+            except (PermissionError, OverflowError):
+                pass
+            try:
+                entry = os.open(token, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+            except OSError:  # gone meanwhile, or a link or special file: not a reader's
+                continue
+            try:
+                numbers.append(int(os.pread(entry, SIDE_FILE_CAP, 0)))
+            except (OSError, ValueError):
+                continue
+            finally:
+                os.close(entry)
+    finally:
+        os.close(fd)
     return min(numbers, default=None)
 
 
@@ -377,7 +592,7 @@ class Cursor:
     def _open(self, folder: str, name: str, flags: int = 0) -> int:
         mode = os.O_RDWR if self.writable else os.O_RDONLY
         try:
-            return os.open(os.path.join(folder, name), mode | flags, 0o644)
+            return open_regular(os.path.join(folder, name), mode | flags)
         except FileNotFoundError:
             raise NeedReload from None
 
@@ -490,7 +705,7 @@ class Cursor:
         """Cut a torn tail so the next record starts on a clean boundary: the rest of
         this segment and any later segment (holding the rest of an unfinished unit)."""
         later = [n for n in list_segments(self.path) if self.name and n > self.name]
-        for name in later:
+        for name in reversed(later):  # newest first: a reader listing never sees a gap
             os.unlink(os.path.join(self.path, name))
         if later:
             fsync_dir(self.path)

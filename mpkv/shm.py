@@ -16,6 +16,8 @@ import os
 import time
 import zlib
 
+from .files import open_regular
+
 MAGIC = 0x314D48534B56504D  # b"MPVKSHM1" read as an integer in the machine's byte order
 SIZE = 64
 # Slots of unsigned 64-bit integers, in the machine's byte order (the file is never
@@ -59,8 +61,8 @@ class SharedState:
         if self.backed:
             return False
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT if self.writable else os.O_RDONLY,
-                         0o644)
+            fd = open_regular(self.path, os.O_RDWR | os.O_CREAT if self.writable
+                              else os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:

@@ -7,15 +7,13 @@ every byte before it. Self-describing and checked end to end.
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Mapping
 
 from .codec import Value
 from .errors import CorruptionError, FormatError
-from .segments import fsync_dir
+from .files import write_atomically
 
 MAGIC = b"MPKVSNAP"
 VERSION = 1
@@ -71,18 +69,9 @@ def read(file: str) -> dict[str, Value]:
     return decode(data, file)
 
 
-def write_atomically(file: str, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename over, fsync the directory:
-    a reader of ``file`` sees the old file or the whole new one, even after a crash."""
-    folder = os.path.dirname(os.path.abspath(file))
-    fd, tmp = tempfile.mkstemp(prefix=".mpkv-tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    fsync_dir(folder)
+def write(file: str, data: bytes) -> None:
+    """Write a snapshot to ``file`` atomically (old file or whole new one, even after a
+    crash), mode 0666 minus the umask. ``file`` is the path the user named, so a
+    symbolic link there is followed on purpose, like a shell's ``>``: the file it points
+    to is replaced and the link stays (a dangling link gets its target created)."""
+    write_atomically(file, data, follow_link=True)

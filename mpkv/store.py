@@ -33,14 +33,17 @@ from .segments import (
     DEFAULT_MAX_SEGMENT_BYTES,
     DIRLOCK,
     LOCK,
+    META,
     SHM,
     Cursor,
     Limit,
     Meta,
     NeedReload,
     check_store_dir,
+    check_written,
     clear_intent,
     create_meta,
+    discard_intent,
     list_log,
     list_segments,
     oldest_needed,
@@ -51,6 +54,7 @@ from .segments import (
     truncate_log,
     unregister_reader,
     write_intent,
+    written_format,
 )
 from .shm import SEQ, SharedState
 
@@ -133,13 +137,19 @@ class Store(StoreMapping):
         exists = check_store_dir(self.path)
         meta = read_meta(self.path) if exists else None
         if meta is None:
+            # Lost metadata over existing segments: their bytes tell the format.
+            written = written_format(self.path) if exists else None
+            fmt = format or (written[0] if written else "binary")
+            if exists:
+                check_written(self.path, fmt, f"format={fmt!r} (no metadata)")
             if self.readonly:
                 if not exists:
                     raise FormatError(f"{self.path}: no store here (readonly cannot create one)")
-                return Meta(format or "binary", max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES)
+                return Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES)
             os.makedirs(self.path, exist_ok=True)
-            meta = create_meta(self.path, Meta(format or "binary",
-                                               max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES))
+            meta = create_meta(self.path, Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES))
+        else:
+            check_written(self.path, meta.format, os.path.join(self.path, AUX, META))
         if format is not None and format != meta.format:
             raise ValueError(f"{self.path}: the store's format is {meta.format!r}, not {format!r}")
         if max_segment_bytes is not None and max_segment_bytes != meta.max_segment_bytes:
@@ -553,7 +563,7 @@ class Store(StoreMapping):
                 clear_intent(self.path)
                 self._reload(Look(self._shm.seq, None, None))
             elif trusted:
-                clear_intent(self.path)
+                discard_intent(self.path)
         _, torn = self._catch_up(Look(self._shm.seq, None, None))
         if torn is not None:
             self._cursor.truncate(torn)
@@ -727,7 +737,7 @@ class Store(StoreMapping):
 
     def serialize(self, file_path: str | os.PathLike[str]) -> None:
         """Write the current state to one file, atomically."""
-        snapshot.write_atomically(os.fspath(file_path), snapshot.encode(self._copy()))
+        snapshot.write(os.fspath(file_path), snapshot.encode(self._copy()))
 
     def deserialize(self, file_path: str | os.PathLike[str]) -> None:
         """Replace the whole contents with the file's state, as one transaction."""
@@ -782,7 +792,7 @@ class Store(StoreMapping):
                                       progress(sealed) if progress else sealed)
             outputs = compaction.write_outputs(self.path, self._codec, state,
                                                self.max_segment_bytes)
-            after = sum(os.path.getsize(o) for o in outputs)
+            after = sum(o.size for o in outputs)
             number = parse_name(sealed[-1])[0]  # type: ignore[index]
             with self._write_mutex:
                 self._lock()

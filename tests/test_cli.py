@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -417,17 +418,51 @@ def test_watch_prefix_and_timeout(store: Path) -> None:
 # --- demo ---------------------------------------------------------------------------
 
 
-def test_demo_with_dir(tmp_path: Path) -> None:
-    r = ok("demo", tmp_path / "demo-store", timeout=120)
-    assert "VERIFIED" in r.stdout
-    assert (tmp_path / "demo-store").is_dir()
-    with mpkv.Store(tmp_path / "demo-store") as s:
-        assert len(s) > 0
+def demo_store(stdout: str) -> Path:
+    """The store a demo run says it used."""
+    m = re.search(r"into the store (\S+)", stdout)
+    assert m, stdout
+    return Path(m.group(1))
 
 
-def test_demo_without_dir() -> None:
-    r = ok("demo", timeout=120)
-    assert "VERIFIED" in r.stdout
+def test_demo_twice_on_the_same_dir_is_verified_each_time(tmp_path: Path) -> None:
+    stores = []
+    for _ in range(2):
+        r = ok("demo", tmp_path / "demo", timeout=180)
+        assert "result VERIFIED" in r.stdout, r.stdout
+        stores.append(demo_store(r.stdout))
+        assert f"mpkv stats {stores[-1]}" in r.stdout  # where to look afterwards
+    assert stores[0] != stores[1] and stores[0].parent == stores[1].parent == tmp_path / "demo"
+    counts = []
+    for path in stores:
+        with mpkv.Store(path, readonly=True) as s:
+            counts.append({k: v for k, v in s.items() if k.startswith("count:")})
+    assert counts[0] == counts[1]
+    # real words, not generated tokens
+    assert int(counts[0]["count:the"]) > 100 and "count:python" in counts[0]
+    assert not any(re.fullmatch(r"count:w\d+", k) for k in counts[0])
+
+
+def test_demo_never_writes_into_a_store_it_did_not_create(tmp_path: Path) -> None:
+    store = tmp_path / "mine"
+    ok("put", store, "precious", "data")
+    before = {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()}
+    r = fails(1, "demo", store)
+    assert str(store) in r.stderr
+    assert {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()} == before
+    with mpkv.Store(store, readonly=True) as s:
+        assert dict(s.items()) == {"precious": "data"}
+    (tmp_path / "file").write_text("x")
+    fails(1, "demo", tmp_path / "file")
+
+
+def test_demo_without_dir_uses_a_new_temporary_directory(tmp_path: Path) -> None:
+    r = subprocess.run([*PY, "demo"], capture_output=True, text=True, timeout=180,
+                       env={**ENV, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 0 and "result VERIFIED" in r.stdout, (r.stdout, r.stderr)
+    path = demo_store(r.stdout)
+    assert path.parent.parent == tmp_path and path.parent.name.startswith("mpkv-demo-")
+    ok("verify", path)
 
 
 # --- failures: exit codes, one line, never a traceback --------------------------------
@@ -503,3 +538,337 @@ def test_load_bytes_into_text_store_fails_cleanly(tmp_path: Path) -> None:
     line = json.dumps({"key": "b", "value": base64.b64encode(b"\x00").decode(), "bytes": True})
     fails(1, "load", store, input=line + "\n")
     assert ok("list", store).stdout == "ok\n"
+
+
+# --- a CLI that cannot hurt: no store created by mistake, no traceback ------------------
+
+NON_CREATING = [
+    ["get", "PATH", "k"], ["delete", "PATH", "k"], ["list", "PATH"], ["dump", "PATH"],
+    ["stats", "PATH"], ["verify", "PATH"], ["repair", "PATH"], ["compact", "PATH"],
+    ["backup", "PATH", "BACKUP"],
+]
+
+
+@pytest.mark.parametrize("args", NON_CREATING, ids=lambda a: a[0])
+@pytest.mark.parametrize("where", ["missing", "empty-dir", "missing-parent"])
+def test_commands_that_do_not_create_refuse_a_path_without_store(
+        tmp_path: Path, args: list[str], where: str) -> None:
+    path = {"missing": tmp_path / "typo", "empty-dir": tmp_path / "empty",
+            "missing-parent": tmp_path / "no" / "such" / "dir"}[where]
+    if where == "empty-dir":
+        path.mkdir()
+    r = fails(1, *[path if a == "PATH" else tmp_path / "b.snap" if a == "BACKUP" else a
+                   for a in args])
+    assert str(path) in r.stderr and "no mpkv store" in r.stderr
+    if where == "empty-dir":
+        assert list(path.iterdir()) == [], "nothing may be created inside"
+    else:
+        assert not path.exists() and not (tmp_path / "no").exists()
+    assert not (tmp_path / "b.snap").exists()
+
+
+def test_creating_commands_still_create(tmp_path: Path) -> None:
+    ok("put", tmp_path / "a" / "nested", "k", "v")
+    ok("load", tmp_path / "b", input='{"key": "k", "value": "v"}\n')
+    ok("load", tmp_path / "c", input="")  # empty input: an empty store all the same
+    ok("backup", tmp_path / "a" / "nested", tmp_path / "snap")
+    ok("restore", tmp_path / "d", tmp_path / "snap")
+    for name in ("b", "c", "d"):
+        assert ok("verify", tmp_path / name).returncode == 0
+    assert ok("get", tmp_path / "d", "k").stdout == "v\n"
+
+
+def test_restore_of_a_bad_file_into_a_new_path_creates_nothing(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"not a snapshot")
+    fails(1, "restore", tmp_path / "new", garbage)
+    fails(1, "restore", tmp_path / "new2", tmp_path / "missing-file")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists()
+
+
+def test_load_of_a_bad_first_line_into_a_new_path_creates_nothing(tmp_path: Path) -> None:
+    fails(1, "load", tmp_path / "new", input="{oops\n")
+    assert not (tmp_path / "new").exists()
+
+
+def test_version() -> None:
+    r = ok("--version")
+    assert r.stdout.strip() == f"mpkv {mpkv.__version__}"
+
+
+HELP_COMMANDS = [[], ["get"], ["put"], ["delete"], ["list"], ["dump"], ["load"], ["stats"],
+                 ["verify"], ["repair"], ["compact"], ["backup"], ["restore"], ["watch"],
+                 ["demo"], ["bench"], ["stress"]]
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: c[0] if c else "mpkv")
+def test_every_help_ends_with_an_example(command: list[str],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from mpkv import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    tail = lines[lines.index("example:") + 1:] if "example:" in lines else []
+    assert tail and all(ln.startswith("  mpkv ") for ln in tail), lines[-3:]
+    assert lines[-len(tail) - 1] == "example:"
+
+
+def test_positional_arguments_have_help() -> None:
+    from mpkv import cli
+
+    missing = []
+    subparsers = next(a for a in cli.parser()._actions
+                      if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if not action.option_strings and not action.help:
+                missing.append(f"{name} {action.dest}")
+    assert not missing, missing
+
+
+# --- load: progress with a total, how far a failed load got, --atomic, deep JSON ---------
+
+
+def jsonl(n: int, start: int = 0) -> str:
+    return "".join(json.dumps({"key": f"k{i:05d}", "value": f"v{i}"}) + "\n"
+                   for i in range(start, start + n))
+
+
+def test_failed_load_says_how_many_lines_were_committed(store: Path) -> None:
+    lines = jsonl(2499) + "{broken\n" + jsonl(10, 5000)
+    r = fails(1, "load", store, input=lines)
+    assert "line 2500" in r.stderr and "2499 records" in r.stderr, r.stderr
+    assert "tail -n +2500" in r.stderr
+    with mpkv.Store(store) as s:
+        assert len(s) == 2499 and s["k02498"] == "v2498" and "k05000" not in s
+
+
+def test_failed_load_counts_lines_the_store_rejected(tmp_path: Path) -> None:
+    store = tmp_path / "t"
+    ok("put", store, "ok", "fine", "--format", "text")
+    lines = jsonl(1500) + json.dumps({"key": "a|b", "value": "pipe in key"}) + "\n" + jsonl(5)
+    r = fails(1, "load", store, input=lines)
+    assert "line 1501" in r.stderr and "1500 records" in r.stderr, r.stderr
+    with mpkv.Store(store) as s:
+        assert len(s) == 1501 and "a|b" not in s
+
+
+def test_load_atomic_is_all_or_nothing(store: Path) -> None:
+    ok("put", store, "keep", "me")
+    r = fails(1, "load", store, "--atomic", input=jsonl(2500) + "[]\n")
+    assert "nothing was loaded" in r.stderr
+    with mpkv.Store(store) as s:
+        assert dict(s.items()) == {"keep": "me"}
+    ok("load", store, "--atomic", input=jsonl(2500))
+    with mpkv.Store(store) as s:
+        assert len(s) == 2501
+    # one transaction: every line is one atomic unit of the log
+    ok("load", tmp := store.parent / "atomic-new", "--atomic", input=jsonl(3000))
+    with mpkv.Store(tmp) as s:
+        assert len(s) == 3000
+
+
+@pytest.mark.parametrize("depth", [100_000, 1_000_000])
+def test_load_deeply_nested_json_is_one_line_not_a_traceback(store: Path, depth: int) -> None:
+    ok("put", store, "keep", "me")
+    deep = '{"key": "k", "value": ' + "[" * depth + "]" * depth + "}\n"
+    r = fails(1, "load", store, input=jsonl(3) + deep)
+    assert "line 4" in r.stderr and "nested" in r.stderr
+    with mpkv.Store(store) as s:
+        assert len(s) == 4
+
+
+def run_with_tty_stderr(args: list[object], stdin_file: Path | None = None,
+                        extra_env: dict[str, str] | None = None,
+                        tty_stdout: bool = False) -> tuple[int, str]:
+    """Run mpkv with stderr (and, if asked, stdout) on a pseudo-terminal; return the exit
+    status and everything the terminal received."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    stdin = open(stdin_file, "rb") if stdin_file else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        proc = subprocess.Popen([*PY, *map(str, args)], stdin=stdin,
+                                stdout=slave if tty_stdout else subprocess.DEVNULL,
+                                stderr=slave, env={**ENV, "COLUMNS": "120",
+                                                   **(extra_env or {})}, cwd=str(REPO))
+    finally:
+        os.close(slave)
+        if stdin_file:
+            stdin.close()  # type: ignore[union-attr]
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return proc.wait(timeout=60), out.decode("utf-8", "replace")
+
+
+def test_load_progress_bar_shows_a_total_when_stdin_is_a_file(tmp_path: Path) -> None:
+    pytest.importorskip("tqdm")
+    src = tmp_path / "in.jsonl"
+    src.write_text(jsonl(3000))
+    code, out = run_with_tty_stderr(["load", tmp_path / "s"], stdin_file=src)
+    assert code == 0, out
+    # with a total, tqdm shows "done/total" and a percentage from the first frame on
+    assert "100%|" in out and re.search(r"0\.00/\d+(\.\d+)?k ", out), out
+    assert "loaded 3000 records" in out
+
+
+def test_without_tqdm_there_is_no_bar_and_no_error(tmp_path: Path) -> None:
+    """tqdm is an optional extra: on a terminal without it, commands work, silently."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "tqdm.py").write_text("raise ImportError('tqdm is not installed')\n")
+    src = tmp_path / "in.jsonl"
+    src.write_text(jsonl(100))
+    env = {"PYTHONPATH": f"{shim}{os.pathsep}{ENV['PYTHONPATH']}"}
+    code, out = run_with_tty_stderr(["load", tmp_path / "s"], stdin_file=src, extra_env=env)
+    assert code == 0 and "Traceback" not in out and "%|" not in out, out
+    assert "loaded 100 records" in out
+    code, out = run_with_tty_stderr(["verify", tmp_path / "s"], extra_env=env)
+    assert code == 0 and "Traceback" not in out, out
+
+
+# --- list: terminal escapes -----------------------------------------------------------------
+
+HOSTILE_KEYS = ["plain", "esc\x1b]0;pwned\x07title", "csi\x9b31mred", "new\nline",
+                "bidi\u202egnp.exe", "tab\there", "ünï☃"]
+
+
+def test_list_escapes_control_characters_on_a_terminal(store: Path) -> None:
+    with mpkv.Store(store) as s:
+        for k in HOSTILE_KEYS:
+            s[k] = "x"
+    code, out = run_with_tty_stderr(["list", store], tty_stdout=True)
+    assert code == 0
+    assert "\x1b" not in out and "\x9b" not in out and "\u202e" not in out, repr(out)
+    shown = out.replace("\r\n", "\n").splitlines()
+    assert shown == [
+        "bidi\\u202egnp.exe", "csi\\x9b31mred", "esc\\x1b]0;pwned\\x07title", "new\\nline",
+        "plain", "tab\\there", "ünï☃"], shown
+
+
+def test_list_in_a_pipe_writes_keys_as_they_are_and_null_separates(store: Path) -> None:
+    with mpkv.Store(store) as s:
+        for k in HOSTILE_KEYS:
+            s[k] = "x"
+    r = subprocess.run([*PY, "list", str(store)], capture_output=True, env=ENV, timeout=60)
+    assert r.stdout == "".join(k + "\n" for k in sorted(HOSTILE_KEYS)).encode()
+    r = subprocess.run([*PY, "list", str(store), "-0"], capture_output=True, env=ENV, timeout=60)
+    assert r.stdout.split(b"\0")[:-1] == [k.encode() for k in sorted(HOSTILE_KEYS)]
+
+
+# --- stats: records are puts and deletes; live bytes within bytes -------------------------
+
+
+def stats_fields(path: Path) -> dict[str, str]:
+    out = ok("stats", path).stdout
+    return {k.strip(): v.strip() for k, v in
+            (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+
+
+def test_stats_counts_records_not_transactions(store: Path) -> None:
+    with mpkv.Store(store) as s:
+        with s.transaction() as tx:
+            for i in range(100):
+                tx[f"k{i}"] = "v"
+        s["one"] = "more"
+        s.delete("k0")
+    fields = stats_fields(store)
+    assert int(fields["records"]) == 102
+    assert int(fields["live keys"]) == 100
+
+
+@pytest.mark.parametrize("shape", ["one put", "one transaction", "compacted", "text"])
+def test_stats_live_bytes_never_exceed_bytes(tmp_path: Path, shape: str) -> None:
+    store = tmp_path / "s"
+    with mpkv.Store(store, format="text" if shape == "text" else None) as s:
+        if shape == "one put":
+            s["k"] = "v"
+        else:
+            with s.transaction() as tx:
+                for i in range(2000):
+                    tx[f"key{i}"] = f"value{i}" * 3
+        if shape == "compacted":
+            s.compact()
+    fields = stats_fields(store)
+    assert int(fields["live bytes"]) <= int(fields["bytes"]), fields
+    assert float(fields["garbage ratio"]) < 0.01, fields
+
+
+# --- failures never print a traceback ------------------------------------------------------
+
+
+def test_a_directory_as_backup_file_or_restore_file(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    ok("put", store, "k", "v")
+    fails(1, "backup", store, tmp_path)
+    fails(1, "restore", store, tmp_path)
+    fails(1, "backup", store, tmp_path / "no" / "dir" / "f")
+
+
+def test_unreadable_store_directory(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads everything")
+    store = tmp_path / "s"
+    ok("put", store, "k", "v")
+    store.chmod(0)
+    try:
+        fails(1, "get", store, "k")
+        fails(1, "put", store, "k", "v")
+    finally:
+        store.chmod(0o755)
+
+
+def test_a_store_file_that_is_not_readable_as_data(tmp_path: Path) -> None:
+    """Metadata replaced by a directory: a clear line, whatever the command."""
+    store = tmp_path / "s"
+    ok("put", store, "k", "v")
+    meta = store / ".mpkv" / "meta"
+    meta.unlink()
+    meta.mkdir()
+    for args in (["get", store, "k"], ["put", store, "k", "v"], ["stats", store]):
+        fails(1, *args)
+
+
+def test_broken_pipe_into_head_is_quiet(store: Path) -> None:
+    with mpkv.Store(store) as s, s.transaction() as tx:
+        for i in range(50_000):
+            tx[f"key{i:06d}"] = "v" * 50
+    for command in ("dump", "list"):
+        r = subprocess.run(f"{sys.executable} -m mpkv {command} {store} | head -1",
+                           shell=True, capture_output=True, text=True, env=ENV, timeout=120)
+        assert r.stdout.count("\n") == 1, r.stdout[:200]
+        assert r.stderr == "", r.stderr
+
+
+def test_interrupt_prints_one_line_and_exits_130(store: Path) -> None:
+    import signal
+
+    ok("put", store, "k", "v")
+    proc = subprocess.Popen([*PY, "load", str(store)], stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(jsonl(1000))  # one whole chunk: committed while stdin stays open
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while len(mpkv.Store(store, readonly=True)) < 1001:  # the load is running
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=30) == 130
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    proc.stdin.close()

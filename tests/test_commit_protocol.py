@@ -29,6 +29,11 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
 
+def _read(file: str) -> bytes:
+    with open(file, "rb") as f:
+        return f.read()
+
+
 def _put_forever(path: str, log_fd: int, **options: object) -> None:
     """Child body: put k = 0, 1, 2, ... forever, logging each acknowledged value."""
     try:
@@ -59,7 +64,7 @@ def _kill_round(path: str, log: str, rng: random.Random, **options: object) -> i
         _put_forever(path, log_fd, **options)
     os.close(log_fd)
     deadline = time.monotonic() + 30
-    while b"open" not in open(log, "rb").read():
+    while b"open" not in _read(log):
         assert time.monotonic() < deadline, "child never opened the store"
         time.sleep(0.001)
     time.sleep(rng.uniform(0, 0.01))
@@ -189,13 +194,13 @@ def test_nonsensical_txn_file_in_a_text_store_is_damage_not_an_instruction(tmp_p
     path = str(tmp_path / "s")
     with mpkv.Store(path, format="text") as s:
         s.update({f"k{i}": "v" * 10 for i in range(20)})
-    before = open(_newest(path), "rb").read()
+    before = _read(_newest(path))
     with open(os.path.join(path, AUX, INTENT), "wb") as f:
         f.write(intent)
     with mpkv.Store(path) as s:  # trusted shared state: the commit point decides
         s["new"] = "x"
         assert len(s) == 21
-    assert open(_newest(path), "rb").read().startswith(before)
+    assert _read(_newest(path)).startswith(before)
     with open(os.path.join(path, AUX, INTENT), "wb") as f:
         f.write(intent)
     _untrust(path)
@@ -206,7 +211,7 @@ def test_nonsensical_txn_file_in_a_text_store_is_damage_not_an_instruction(tmp_p
     assert not mpkv.verify(path).ok
     report = mpkv.repair(path)
     assert any("txn" in q for q in report.quarantined)
-    assert open(_newest(path), "rb").read().startswith(before)
+    assert _read(_newest(path)).startswith(before)
     with mpkv.Store(path) as s:
         assert len(s) == 21
     assert mpkv.verify(path).ok
@@ -314,7 +319,7 @@ def test_failed_write_of_a_chained_commit_is_undone(tmp_path, monkeypatch, fmt):
     path = str(tmp_path / "s")
     s = mpkv.Store(path, format=fmt, max_segment_bytes=400, auto_compact=False)
     s["a"] = "1"
-    files = {n: open(os.path.join(path, n), "rb").read() for n in _segments(path)}
+    files = {n: _read(os.path.join(path, n)) for n in _segments(path)}
     real = os.pwrite
     calls = [0]
 
@@ -331,7 +336,7 @@ def test_failed_write_of_a_chained_commit_is_undone(tmp_path, monkeypatch, fmt):
         for i in range(30):
             tx[f"t{i}"] = "x" * 30
     monkeypatch.setattr(os, "pwrite", real)
-    assert {n: open(os.path.join(path, n), "rb").read() for n in _segments(path)} == files
+    assert {n: _read(os.path.join(path, n)) for n in _segments(path)} == files
     assert not os.path.exists(os.path.join(path, AUX, INTENT))
     with mpkv.Store(path, readonly=True) as ro:
         assert dict(ro.items()) == {"a": "1"}
@@ -416,7 +421,7 @@ def test_failing_auto_compaction_is_reported_not_silent(tmp_path, caplog, monkey
     s = mpkv.Store(path, max_segment_bytes=500)
     s._next_check = 2000
     with caplog.at_level("ERROR", logger="mpkv"):
-        for i in range(200):
+        for _ in range(200):
             s["k"] = "v" * 40
         if s._compactor is not None:
             s._compactor.join()

@@ -1,0 +1,190 @@
+"""How the log is read and framed: which files make up the log after a crash inside
+compaction, a compaction marker that does not check out, missing segments, torn tails
+whose values hold record bytes, record types, unbounded resync work, non-regular
+files named as segments and how often the directory is listed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import mpkv
+from mpkv.segments import AUX, list_segments
+
+SWITCH = os.path.join(AUX, "compacted")
+
+
+def run_child(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (same PYTHONPATH): for a real SIGKILL."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120, env=os.environ.copy())
+
+
+def state(path: Path | str, **kw: object) -> dict[str, object]:
+    with mpkv.Store(path, **kw) as s:  # type: ignore[arg-type]
+        return dict(s.items())
+
+
+def outputs(path: Path) -> list[str]:
+    return [n for n in list_segments(str(path)) if n.count(".") == 2]
+
+
+# ------------------------------------------------ a crash between compaction outputs
+
+KILL_AT_RENAME = """
+import os, signal, mpkv
+renames = 0
+real = os.rename
+def rename(src, dst, *a, **kw):
+    global renames
+    if str(dst).endswith(".seg"):
+        renames += 1
+        if renames == {n}:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **kw)
+s = mpkv.Store({path!r}, max_segment_bytes=100, format={fmt!r})
+for k in {keys!r}:
+    s[k] = k * {vlen}
+os.rename = rename
+s.compact()
+"""
+
+
+@pytest.mark.parametrize(("fmt", "keys", "vlen"), [("binary", "ab", 30), ("text", "abc", 40)])
+def test_crash_between_compaction_outputs_loses_nothing(tmp_path: Path, fmt: str, keys: str,
+                                                        vlen: int) -> None:
+    """The live keys need two compaction outputs (binary: of segment 1 alone, so the
+    first output sorts first in the directory); the compactor dies by SIGKILL just
+    before renaming the second into place. The first output is then in the directory
+    beside the segments it was to replace: it must be ignored (the switch was not
+    committed), every key survives, and the next compact() removes the stray output and
+    keeps every key."""
+    path = tmp_path / "s"
+    proc = run_child(KILL_AT_RENAME.format(n=2, path=str(path), fmt=fmt, keys=keys,
+                                           vlen=vlen))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert len(outputs(path)) == 1  # the crash left one output
+    want = {k: k * vlen for k in keys}
+    assert state(path) == want
+    assert state(path, readonly=True) == want
+    assert mpkv.verify(str(path)).ok
+    with mpkv.Store(path) as s:
+        s.compact()
+        assert dict(s.items()) == want
+    assert state(path) == want
+    assert len({n.split(".")[0] for n in outputs(path)}) == 1  # the stray one is gone
+    assert mpkv.verify(str(path)).ok
+
+
+# ------------------------------------------------ the compaction marker is checked
+
+
+def _small_store(path: Path, n: int = 20) -> dict[str, object]:
+    with mpkv.Store(path, max_segment_bytes=100) as s:
+        for i in range(n):
+            s[f"k{i}"] = f"v{i}" * 5
+        return dict(s.items())
+
+
+@pytest.mark.parametrize("content", [b"5", b"5\n", b"", b"1 1\n0 00000000\nffffffff\n"])
+def test_stray_compaction_marker_is_damage_not_an_order(tmp_path: Path,
+                                                        content: bytes) -> None:
+    """A marker written by hand (or torn) must not hide the log: opening raises
+    CorruptionError naming the marker, verify reports it, compact() deletes nothing,
+    and repair moves it aside so the whole log is back."""
+    path = tmp_path / "s"
+    want = _small_store(path)
+    before = list_segments(str(path))
+    (path / SWITCH).write_bytes(content)
+    with pytest.raises(mpkv.CorruptionError, match="compacted"):
+        mpkv.Store(path)
+    with pytest.raises(mpkv.CorruptionError, match="compacted"):
+        mpkv.Store(path, readonly=True)
+    report = mpkv.verify(str(path))
+    assert not report.ok
+    assert any("compacted" in d.file for d in report.damage), report.summary()
+    assert list_segments(str(path)) == before
+    fixed = mpkv.repair(str(path))
+    assert any("compacted" in q for q in fixed.quarantined), fixed.summary()
+    assert state(path) == want
+    with mpkv.Store(path) as s:
+        s.compact()
+    assert state(path) == want
+    assert mpkv.verify(str(path)).ok
+
+
+def test_copy_taken_mid_compaction_does_not_hide_the_log(tmp_path: Path) -> None:
+    """A copy of the directory taken during a switch can hold the marker but not every
+    output it announces (or a shorter one): that is damage, never a reason to drop the
+    inputs, which are all in the copy."""
+    path = tmp_path / "s"
+    want = _small_store(path, 6)
+    with mpkv.Store(path) as s:
+        s.compact()
+    with mpkv.Store(path) as s:
+        for i in range(6, 12):
+            s[f"k{i}"] = f"v{i}" * 5
+        want = dict(s.items())
+    # A marker as a compaction of every sealed segment would have written it, but the
+    # copy has none of its outputs yet.
+    from mpkv.segments import Switch, parse_name
+    newest = parse_name(list_segments(str(path))[-1])[0]  # type: ignore[index]
+    (path / SWITCH).write_bytes(Switch(newest - 1, ((120, 0), (80, 0))).encode())
+    with pytest.raises(mpkv.CorruptionError, match="compacted"):
+        mpkv.Store(path)
+    assert not mpkv.verify(str(path)).ok
+    mpkv.repair(str(path))
+    assert state(path) == want
+
+
+# ------------------------------------------------ missing segments
+
+
+def _many_segments(path: Path) -> dict[str, object]:
+    want = _small_store(path, 30)
+    assert len(list_segments(str(path))) >= 5
+    return want
+
+
+@pytest.mark.parametrize("which", ["first", "middle"])
+def test_missing_segment_is_corruption_naming_the_gap(tmp_path: Path, which: str) -> None:
+    path = tmp_path / "s"
+    _many_segments(path)
+    names = list_segments(str(path))
+    i = 0 if which == "first" else 2
+    os.unlink(path / names[i])
+    after = names[i + 1]
+    for kw in ({}, {"readonly": True}):
+        with pytest.raises(mpkv.CorruptionError) as err:
+            mpkv.Store(path, **kw)  # type: ignore[arg-type]
+        assert after in str(err.value)
+        if which == "middle":
+            assert names[i - 1] in str(err.value)
+    report = mpkv.verify(str(path))
+    assert not report.ok
+    assert any(after in str(d) for d in report.damage), report.summary()
+
+
+@pytest.mark.parametrize("which", ["first", "middle"])
+def test_repair_bridges_a_missing_segment(tmp_path: Path, which: str) -> None:
+    """repair cannot bring the missing records back, but it makes the store open again
+    with every record the other segments hold, and says what was lost."""
+    from mpkv.codec import CODECS, apply
+    path = tmp_path / "s"
+    want = _many_segments(path)
+    names = list_segments(str(path))
+    i = 0 if which == "first" else 2
+    lost: dict[str, object] = {}
+    for batch in CODECS["binary"].decode((path / names[i]).read_bytes()).batches:
+        apply(lost, batch)  # type: ignore[arg-type]
+    os.unlink(path / names[i])
+    report = mpkv.repair(str(path))
+    assert any(names[i + 1] in str(d) for d in report.damage), report.summary()
+    assert state(path) == {k: v for k, v in want.items() if k not in lost}
+    assert mpkv.verify(str(path)).ok
