@@ -3,12 +3,22 @@
 import os
 from typing import TYPE_CHECKING, Any
 
-from .errors import ClosedError, CorruptionError, Error, FormatError, LockTimeout, ReadOnlyError
+from .errors import (
+    ClosedError,
+    CompactedError,
+    CorruptionError,
+    Error,
+    FormatError,
+    LockTimeout,
+    ReadOnlyError,
+)
 from .recovery import Report, repair, verify
 from .store import Store, Transaction
+from .watch import Change
 
 __all__ = ["Store", "Transaction", "open", "Error", "FormatError", "CorruptionError",
-           "ClosedError", "LockTimeout", "ReadOnlyError", "repair", "verify", "Report"]
+           "ClosedError", "LockTimeout", "ReadOnlyError", "CompactedError", "Change", "repair",
+           "verify", "Report"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:

@@ -14,6 +14,7 @@ import json
 import os
 import stat
 import sys
+import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -23,6 +24,7 @@ from .codec import Value
 from .errors import Error, FormatError
 from .segments import AUX, META
 from .store import Store
+from .watch import BEFORE_ALL, Change, check_timeout, parse_position
 
 if TYPE_CHECKING:
     from .redis_store import RedisStore
@@ -407,12 +409,61 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _change_json(change: Change) -> str:
+    """A change as one JSON line: {"key", "value", "deleted", "position"}; bytes values
+    base64 with "bytes": true, as ``dump`` writes them."""
+    obj: dict[str, Any] = {"key": change.key, "value": change.value}
+    if isinstance(change.value, bytes):
+        obj["value"] = base64.b64encode(change.value).decode()
+        obj["bytes"] = True
+    obj["deleted"] = change.deleted
+    obj["position"] = change.position
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _wait_for_store(path: str, timeout: float | None) -> bool:
+    """Like ``tail -F``: wait until ``path`` holds a store (its metadata written), never
+    creating anything. False when ``timeout`` seconds passed first; FormatError at once
+    when ``path`` is something that can never become a store."""
+    started = time.monotonic()
+    while True:
+        if _holds_store(path):
+            return True
+        if timeout is not None and time.monotonic() - started >= timeout:
+            return False
+        time.sleep(0.05)
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
+    since = args.since
+    if not _holds_store(str(args.path)):
+        # Said once, like tail -F, so that whoever waits on us knows we are waiting.
+        print(f"mpkv watch: waiting for {args.path} to become a store", file=sys.stderr,
+              flush=True)
+        if not _wait_for_store(str(args.path), args.timeout):
+            return 0
+        if since is None:  # the store is new: every change from its first
+            since = BEFORE_ALL
     with _open(args, readonly=True) as store:
-        for key, value in store.watch(args.prefix, timeout=args.timeout):
-            sys.stdout.write(_to_json(key, value) + "\n")
+        for change in store.watch(args.prefix, since=since, timeout=args.timeout):
+            sys.stdout.write(_change_json(change) + "\n")
             sys.stdout.flush()
     return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        return check_timeout(float(text)) or 0.0
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}") from None
+
+
+def _position(text: str) -> str:
+    try:
+        parse_position(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -507,10 +558,15 @@ def parser() -> argparse.ArgumentParser:
     add("restore", "replace the whole state with FILE's (atomically)", cmd_restore,
         "mpkv restore /tmp/s /backups/s.snap", new_path,
         ("file", "a snapshot file written by backup"))
-    c = add("watch", "print changes as JSON lines as they happen, like tail -f",
-            cmd_watch, "mpkv watch /tmp/s --prefix job: --timeout 60", path)
+    c = add("watch", 'print changes as {"key", "value", "deleted", "position"} JSON lines '
+            "as they happen, like tail -F (waits for PATH to become a store, never creating "
+            "it, then prints every change from its first)", cmd_watch,
+            "mpkv watch /tmp/s --prefix job: --timeout 60", path)
     c.add_argument("--prefix", default="", help="only keys starting with P")
-    c.add_argument("--timeout", type=float, default=None, help="stop after T idle seconds")
+    c.add_argument("--since", type=_position, default=None, metavar="POS",
+                   help="start after the change at position POS (a printed position)")
+    c.add_argument("--timeout", type=_seconds, default=None, metavar="T",
+                   help="stop after T idle seconds")
     c = add("demo", "worker processes count words into a store they share; result checked",
             cmd_demo, "mpkv demo /tmp/demo && mpkv stats /tmp/demo/run-1")
     c.add_argument("dir", nargs="?", default=None,

@@ -311,7 +311,7 @@ class BinaryCodec(Codec):
             if end > n or crc32(view[pos + 4 : end]) != crc:
                 break
             ops: Batch | None = None
-            if rtype != RECORD_PACKED and length >= ENTRY.size:
+            if rtype in (RECORD_OPS, RECORD_OPS_MORE) and length >= ENTRY.size:
                 op, klen, vlen = entry(buf, pos + HEADER.size)
                 start = pos + HEADER.size + ENTRY.size
                 if start + klen + vlen == end and op == OP_PUT_STR:  # one put of a str

@@ -14,18 +14,21 @@ import zlib
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from .codec import Codec, Value, apply
+from .codec import Codec, Puts, Value, apply
 from .errors import CorruptionError, Error
 from .files import create_temp, fsync_dir, make_dir, open_dir, open_regular, write_atomically
 from .locks import DirLock
 from .segments import (
     AUX,
+    HORIZON,
     RETAINED,
     SWITCH,
     Switch,
+    UnitPos,
     check_switch,
     list_segments,
     log_of,
+    oldest_needed,
     parse_name,
     read_switch,
     segment_name,
@@ -34,10 +37,17 @@ from .segments import (
 TMP_PREFIX = "compact-"
 
 
-def replay(path: str, codec: Codec, names: Iterable[str]) -> dict[str, Value]:
-    """The state sealed segments ``names`` add up to; they must be whole and valid."""
+def replay(path: str, codec: Codec, names: Iterable[str],
+           last: list[UnitPos] | None = None) -> dict[str, Value]:
+    """The state sealed segments ``names`` add up to; they must be whole and valid.
+    ``last`` (when given) receives the position of the last unit they hold (the
+    compaction's horizon, see ``switch``)."""
     state: dict[str, Value] = {}
+    horizon: UnitPos = (1, 0, 0)
+    begun = (1, 0)
+    inside = False
     for name in names:
+        number, part = parse_name(name)  # type: ignore[misc]
         file = os.path.join(path, name)
         with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
             data = f.read()
@@ -47,6 +57,20 @@ def replay(path: str, codec: Codec, names: Iterable[str]) -> dict[str, Value]:
                                   " (run mpkv repair)", file, dec.stop)
         for batch in dec.batches:
             apply(state, batch)
+        if last is not None:
+            if part:  # a former output: the state as of the end of segment `number`
+                horizon = max(horizon, (number + 1, 0, 0))
+                continue
+            offset, count = 0, 0
+            for batch, end, more in zip(dec.batches, dec.ends, dec.more, strict=True):
+                if not inside:
+                    begun, count = (number, offset), 0
+                count += len(batch.keys) if isinstance(batch, Puts) else len(batch)
+                inside, offset = more, end
+                if not more:
+                    horizon = (*begun, count)
+    if last is not None:
+        last.append(horizon)
     return state
 
 
@@ -115,7 +139,7 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
 
 
 def switch(path: str, outputs: list[Output], number: int, inputs: list[str],
-           needed: int | None, dirlock: DirLock) -> None:
+           dirlock: DirLock, horizon: UnitPos | None = None) -> None:
     """Put the outputs in place of the inputs (writer lock held).
 
     Under the directory lock held exclusively, so no reader lists the directory halfway:
@@ -124,9 +148,23 @@ def switch(path: str, outputs: list[Output], number: int, inputs: list[str],
     writing ``.mpkv/compacted`` with every output's size and checksum (from then on
     ``list_log`` ignores the inputs, even after a crash; before, it ignores the
     outputs, as segment ``number`` is still there); move inputs a live watcher still
-    needs (number >= ``needed``) to ``.mpkv/retained/`` and delete the others; drop the
-    record."""
+    needs (see ``oldest_needed``) to ``.mpkv/retained/`` and delete the others; drop the
+    record. Watchers register under the directory lock held shared, so the
+    registrations read here are complete.
+
+    ``horizon``, the position of the last unit of the inputs, goes to ``.mpkv/horizon``
+    first: a watcher resuming at or after it has lost nothing (docs/compaction.md);
+    None (repair bridging lost segments) removes it."""
     with dirlock.exclusive():
+        needed = oldest_needed(path)
+        if horizon is not None:
+            write_atomically(os.path.join(path, AUX, HORIZON),
+                             f"{number} {horizon[0]} {horizon[1]} {horizon[2]}\n".encode())
+        else:  # changes were lost (repair): no position before this switch can resume
+            try:
+                os.unlink(os.path.join(path, AUX, HORIZON))
+            except FileNotFoundError:
+                pass
         for k, out in enumerate(outputs, start=1):
             target = os.path.join(path, segment_name(number, k))
             if os.path.exists(target):
@@ -169,7 +207,7 @@ def _retire(path: str, inputs: list[str], needed: int | None) -> None:
     fsync_dir(path)
 
 
-def tidy(path: str, needed: int | None, dirlock: DirLock) -> None:
+def tidy(path: str, dirlock: DirLock) -> None:
     """Clean up after a compaction that died (compaction lock held): delete its
     temporary files and the outputs it renamed before its switch was committed (the
     log ignores them: their segment b is still there), or finish its committed switch.
@@ -187,6 +225,7 @@ def tidy(path: str, needed: int | None, dirlock: DirLock) -> None:
     if not dead and record is None:
         return
     with dirlock.exclusive():
+        needed = oldest_needed(path)
         if record is not None:
             _retire(path, dead, needed)
             os.unlink(os.path.join(path, AUX, SWITCH))

@@ -30,3 +30,9 @@ class LockTimeout(Error):
 
 class ReadOnlyError(Error):
     """A write was attempted on a store opened with ``readonly=True``."""
+
+
+class CompactedError(Error):
+    """Compaction removed changes a watcher needed: a ``watch(since=...)`` position
+    older than the log's start, or a gap an unregistered watcher could not prevent.
+    Reread the state and watch from a fresh ``store.position()``."""

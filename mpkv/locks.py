@@ -129,25 +129,29 @@ class DirLock:
         except OSError:  # readonly in a directory it may not read: threads only
             self.fd = None
         self._cond = threading.Condition(threading.Lock())
-        # Guarded by _cond: threads of this process holding it shared, whether one holds
-        # it exclusive, and how many wait for exclusive.
+        # Guarded by _cond: shared holds of this process (a thread may nest them),
+        # whether a thread holds it exclusive, and how many wait for exclusive.
         self._shared = 0
         self._exclusive = False
         self._waiting = 0
+        self._mine = threading.local()  # this thread's shared depth: nesting never waits
 
     @contextmanager
     def shared(self) -> Iterator[None]:
+        depth = getattr(self._mine, "depth", 0)
         with self._cond:
-            while self._exclusive or self._waiting:
+            while not depth and (self._exclusive or self._waiting):
                 self._cond.wait()
             if self._shared == 0 and self.fd is not None:
                 # Taken while holding the condition's lock: other threads wanting it
                 # shared wait for the same flock anyway.
                 fcntl.flock(self.fd, fcntl.LOCK_SH)
             self._shared += 1
+        self._mine.depth = depth + 1
         try:
             yield
         finally:
+            self._mine.depth = depth
             with self._cond:
                 self._shared -= 1
                 if self._shared == 0:

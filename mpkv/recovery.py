@@ -199,7 +199,7 @@ def _bridge(path: str, meta: Meta, log: list[str], after: str) -> bool:
     outputs = compaction.write_outputs(path, meta.codec, state, meta.max_segment_bytes)
     dirlock = DirLock(os.path.join(path, AUX, DIRLOCK), writable=True)
     try:
-        compaction.switch(path, outputs, bridge, inputs, None, dirlock)
+        compaction.switch(path, outputs, bridge, inputs, dirlock)  # records were lost: no horizon
     finally:
         dirlock.close()
     return True

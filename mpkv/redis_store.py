@@ -49,9 +49,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import snapshot
 from .codec import Op, Value
-from .errors import ClosedError, CorruptionError, Error, FormatError, LockTimeout, ReadOnlyError
+from .errors import (
+    ClosedError,
+    CompactedError,
+    CorruptionError,
+    Error,
+    FormatError,
+    LockTimeout,
+    ReadOnlyError,
+)
 from .mapping import MISSING, StoreMapping, TransactionMapping
 from .store import _check_options, _fork_epoch
+from .watch import Change, check_prefix, check_timeout
 
 SCHEMES = ("redis://", "rediss://", "unix://")
 DEFAULT_NAMESPACE = "default"
@@ -169,6 +178,20 @@ def _dec_value(raw: bytes) -> Value:
     if tag == b"b":
         return raw[1:]
     raise FormatError(f"not an mpkv value (no type tag): {raw[:20]!r}")
+
+
+def _token(commit: int, index: int) -> str:
+    """A stream id as a position that sorts as a string (docs/scale-out.md)."""
+    return f"{commit:020d}-{index:020d}"
+
+
+def _parse_token(token: object) -> tuple[int, int]:
+    commit, _, index = token.partition("-") if isinstance(token, str) else ("", "", "")
+    if len(commit) != 20 or len(index) != 20 or not (commit + index).isdigit() \
+            or int(index) > _MAX_SUB:
+        raise ValueError(f"since: not a position of a Redis store: {token!r} (expected a "
+                         "token from Change.position or store.position())")
+    return int(commit), int(index)
 
 
 def _parse_id(entry_id: bytes) -> tuple[int, int]:
@@ -729,17 +752,41 @@ class RedisStore(StoreMapping):
         self._writable()
         return {}
 
-    def watch(self, prefix: str = "", *,
-              timeout: float | None = None) -> Iterator[tuple[str, Value | None]]:
-        """Yield ``(key, value)`` (None for a delete) for every change committed by any
-        client after this call, in commit order; stop after ``timeout`` idle seconds."""
+    def watch(self, prefix: str = "", *, since: str | None = None,
+              timeout: float | None = None) -> Iterator[Change]:
+        """An iterator of :class:`Change` for every change committed by any client after
+        this call (or after position ``since``), in commit order; it ends after
+        ``timeout`` idle seconds. Positions are the stream ids, zero-padded
+        (``CCCCCCCCCCCCCCCCCCCC-IIIIIIIIIIIIIIIIIIII``: commit, index in it). CompactedError
+        when the stream was trimmed (``stream_maxlen``) past ``since`` -- raised by the
+        first ``next()``, or later if the watcher falls that far behind."""
         self._check()
-        start = self._seq_value(self._read("GET", self._seq))
+        prefix = check_prefix(prefix)
+        timeout = check_timeout(timeout)
+        if since is None:
+            start = (self._seq_value(self._read("GET", self._seq)), _MAX_SUB)
+        else:
+            start = _parse_token(since)
         return self._watching(start, prefix, timeout)
 
-    def _watching(self, start: int, prefix: str,
-                  timeout: float | None) -> Iterator[tuple[str, Value | None]]:
-        last = (start, _MAX_SUB)
+    def position(self) -> str:
+        """The position of the last change applied: the newest stream entry (with
+        ``max_staleness != 0``, the newest one the local view has applied)."""
+        self._check()
+        upto = "+"
+        if self._view is not None:
+            self._fresh()
+            upto = f"{self._view_seq}-{_MAX_SUB}"
+        last = self._read("XREVRANGE", self._log, upto, "-", "COUNT", 1)
+        if last:
+            return _token(*_parse_id(last[0][0]))
+        seq = self._view_seq if self._view is not None else \
+            self._seq_value(self._read("GET", self._seq))
+        return _token(seq, _MAX_SUB)
+
+    def _watching(self, start: tuple[int, int], prefix: str,
+                  timeout: float | None) -> Iterator[Change]:
+        last = start
         idle_since = time.monotonic()
         while not self.closed:
             left = None if timeout is None else timeout - (time.monotonic() - idle_since)
@@ -757,14 +804,16 @@ class RedisStore(StoreMapping):
             for entry_id, fields in entries:
                 now = _parse_id(entry_id)
                 if now != (last[0], last[1] + 1) and now != (last[0] + 1, 0):
-                    raise Error(f"{self.path}: watch fell behind: changes after commit "
-                                f"{last[0]} were trimmed from the stream (stream_maxlen="
-                                f"{self.stream_maxlen})")
+                    raise CompactedError(
+                        f"{self.path}: changes after position {_token(*last)} were trimmed "
+                        f"from the stream (stream_maxlen={self.stream_maxlen}); reread the "
+                        "state and watch from a fresh position")
                 last = now
                 key = fields[b"k"].decode("utf-8")
                 if key.startswith(prefix):
-                    value = fields.get(b"v")
-                    yield key, None if value is None else _dec_value(value)
+                    raw = fields.get(b"v")
+                    value = None if raw is None else _dec_value(raw)
+                    yield Change(key, value, deleted=raw is None, position=_token(*now))
                     idle_since = time.monotonic()
             if not entries and left is not None and left <= 0:
                 return

@@ -9,6 +9,7 @@ so no other file can be taken for a segment. See docs/format.md and docs/protoco
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ from .codec import (
     Batch,
     Codec,
     Op,
+    Puts,
     codec_for,
     ops_of,
 )
@@ -41,6 +43,7 @@ INTENT = "txn"
 DIRLOCK = "dirlock"  # shared: listing + opening a segment; exclusive: compaction's switch
 SWITCH = "compacted"  # a committed compaction switch (``Switch``): its inputs go
 RETAINED = "retained"  # compacted inputs a live watcher has not read yet
+HORIZON = "horizon"  # "b S O N": the last unit compaction b removed (watch positions)
 QUARANTINE = "quarantine"  # damaged bytes repair moved aside
 MAGIC = "mpkv"
 VERSION = 1
@@ -501,7 +504,19 @@ def unregister_reader(path: str, token: str) -> None:
         pass
 
 
-_TOKEN = re.compile(r"[1-9]\d{0,9}-\d{1,24}")  # "<pid>-<id>": see Store._token
+def read_horizon(path: str) -> tuple[int, UnitPos] | None:
+    """``(b, last unit)`` of the latest compaction, None when unknown or unreadable."""
+    try:
+        data = read_capped(os.path.join(path, AUX, HORIZON), 100)
+        if data is None:
+            return None
+        b, segment, offset, count = (int(x) for x in data.split())
+    except (OSError, ValueError, FormatError):  # unknown: resuming is refused, not guessed
+        return None
+    return b, (segment, offset, count)
+
+
+_TOKEN = re.compile(r"[1-9]\d{0,9}-[0-9A-Za-z-]{1,64}")  # "<pid>-<name>": a live process
 
 
 def oldest_needed(path: str) -> int | None:
@@ -553,6 +568,12 @@ class NeedReload(Exception):
 
 #: Where a reader must stop: ``(segment number, end offset)``; end None means "to EOF".
 Limit = tuple[int, "int | None"]
+#: Where an atomic unit starts: ``(segment number, compaction part, byte offset)``.
+Start = tuple[int, int, int]
+#: The last unit a cursor applied: ``(segment number, start offset, number of ops)``;
+#: ``(N, 0, 0)`` when it applied none since the start of segment N (docs/protocol.md,
+#: "Positions").
+UnitPos = tuple[int, int, int]
 
 
 def _beyond(name: str, limit: Limit | None) -> bool:
@@ -560,6 +581,11 @@ def _beyond(name: str, limit: Limit | None) -> bool:
     hold a whole sealed state, maybe newer than a limit read just before they appeared."""
     number, part = parse_name(name)  # type: ignore[misc]
     return limit is not None and part == 0 and number > limit[0]
+
+
+#: A cursor's position as ``Cursor.mark`` returns it: name, folder, offset, units and
+#: the last unit read.
+Mark = tuple["str | None", str, int, int, UnitPos]
 
 
 class Cursor:
@@ -583,11 +609,35 @@ class Cursor:
         self.units = 0  # size of the current segment in the limit's units
         self.number = 0  # the current segment's number (0: none yet)
         self.part = 0  # and its compaction part (0: an appended segment)
+        self.position: UnitPos = (1, 0, 0)  # the last unit read (or appended by the owner)
+        # The log's names (and their folders) as listed once in the current ``read``:
+        # one listing per tail step, not one per segment. None: not listed yet.
+        self._listing: list[tuple[str, str]] | None = None
 
     def _enter(self, name: str, folder: str, fd: int) -> None:
         self.close()
         self.name, self.folder, self.fd, self.offset, self.units = name, folder, fd, 0, 0
         self.number, self.part = parse_name(name)  # type: ignore[misc]
+        if self.part:  # the state as of the end of segment `number`: before number + 1
+            self.position = max(self.position, (self.number + 1, 0, 0))
+
+    def seek(self, number: int, offset: int) -> bool:
+        """Start at ``offset`` of appended segment ``number`` (in the log or, with
+        ``retained``, in .mpkv/retained/); False when no such segment exists."""
+        name = segment_name(number)
+        with self.dirlock.shared():
+            folders = [self.path, os.path.join(self.path, AUX, RETAINED)]
+            for folder in folders[:2 if self.retained else 1]:
+                if folder == self.path and name not in list_log(self.path):
+                    continue
+                try:
+                    fd = self._open(folder, name)
+                except NeedReload:
+                    continue
+                self._enter(name, folder, fd)
+                self.offset = offset
+                return True
+            return False
 
     def _open(self, folder: str, name: str, flags: int = 0) -> int:
         mode = os.O_RDWR if self.writable else os.O_RDONLY
@@ -596,37 +646,64 @@ class Cursor:
         except FileNotFoundError:
             raise NeedReload from None
 
+    def _list(self) -> list[tuple[str, str]]:
+        """The log's segments, and retained ones for a watcher, in name order.
+
+        Listing holds the directory lock shared, so a compaction's switch (exclusive) is
+        seen whole or not at all."""
+        with self.dirlock.shared():
+            names = [(n, self.path) for n in list_log(self.path)]
+            kept = os.path.join(self.path, AUX, RETAINED)
+            if self.retained and os.path.isdir(kept):
+                names = sorted(names + [(n, kept) for n in list_segments(kept)])
+            return names
+
     def _next(self) -> tuple[str, str, int] | None:
         """The segment to read after this one, opened: ``(name, folder, fd)``.
 
-        Listing and opening hold the directory lock shared, so a compaction's switch
-        (exclusive) is seen whole or not at all. The first later name that continues the
-        log (see ``follows``) is taken: ``N+1`` before a compaction's outputs, so a watcher
-        sees every change once. NeedReload when later names exist but none continues."""
-        with self.dirlock.shared():
-            later = [(n, self.path) for n in list_log(self.path)
-                     if self.name is None or n > self.name]
-            kept = os.path.join(self.path, AUX, RETAINED)
-            if self.retained and os.path.isdir(kept):
-                later = sorted(later + [(n, kept) for n in list_segments(kept)
-                                        if self.name is None or n > self.name])
+        The first later name that continues the log (see ``follows``) is taken: ``N+1``
+        before a compaction's outputs, so a watcher sees every change once. Names come
+        from the listing of this tail step; when the one to take has gone since (a
+        compaction's switch: deleted, or moved to ``.mpkv/retained/``), or none continues,
+        the directory is listed again once. NeedReload when later names exist but none
+        continues."""
+        fresh = self._listing is None
+        while True:
+            if self._listing is None:
+                self._listing = self._list()
+            start = 0 if self.name is None else bisect.bisect_right(self._listing,
+                                                                    (self.name, "\uffff"))
+            later = self._listing[start:]
             if not later:
                 return None
             for name, folder in later if self.name is not None else later[:1]:
                 if self.name is None or follows(self.name, name):
-                    return name, folder, self._open(folder, name)
-            raise NeedReload
+                    try:
+                        return name, folder, self._open(folder, name)
+                    except NeedReload:
+                        if fresh:
+                            raise
+                    break
+            else:
+                if fresh:
+                    raise NeedReload
+            self._listing, fresh = None, True
 
-    def read(self, limit: Limit | None) -> tuple[list[Batch], int | None]:
+    def read(self, limit: Limit | None, starts: list[Start] | None = None
+             ) -> tuple[list[Batch], int | None]:
         """Decode what follows the cursor, up to ``limit``; return the complete atomic
         units and, when the log ends in a torn record or an unfinished unit, the offset
-        (in the cursor's segment) where the torn part starts.
+        (in the cursor's segment) where the torn part starts. ``starts`` (when given)
+        receives where each returned unit starts, for positions.
 
         A unit may span segments; until its last record is read the cursor stays at its
         start, so an unfinished unit is read again, whole, next time."""
+        self._listing = None  # a new tail step lists the directory (at most) once
         batches: list[Batch] = []
         pending: list[Op] = []  # ops of a unit whose last record is not read yet
         mark = (self.name, self.folder, self.offset, self.units)  # where that unit starts
+        inside = False  # the last record read continues its unit
+        begun: Start = (self.number, self.part, self.offset)  # where that unit started
         while True:
             if self.name is None:
                 first = self._next()
@@ -648,11 +725,20 @@ class Cursor:
             dec = self.codec.decode(data)
             for ops, end, units, more in zip(dec.batches, dec.ends, dec.units, dec.more,
                                              strict=True):
+                if not inside:
+                    begun = (self.number, self.part, self.offset)
+                inside = more
                 if more:
                     pending += ops_of(ops)
                 else:
-                    batches.append(pending + ops_of(ops) if pending else ops)
+                    batch = pending + ops_of(ops) if pending else ops
+                    batches.append(batch)
                     pending = []
+                    if starts is not None:
+                        starts.append(begun)
+                    if not begun[1]:
+                        self.position = (begun[0], begun[2], len(batch.keys)
+                                         if isinstance(batch, Puts) else len(batch))
                 self.offset = start + end
                 self.units += units
                 if not more:
@@ -670,18 +756,20 @@ class Cursor:
                 return batches, (self.offset if torn else None)
             self._enter(*nxt)
 
-    def mark(self) -> tuple[str | None, str, int, int]:
+    def mark(self) -> Mark:
         """The position, for ``restore``."""
-        return self.name, self.folder, self.offset, self.units
+        return self.name, self.folder, self.offset, self.units, self.position
 
-    def restore(self, mark: tuple[str | None, str, int, int]) -> None:
+    def restore(self, mark: Mark) -> None:
         """Go back to a position ``mark`` returned (NeedReload if its file is gone)."""
-        if mark[0] is None:
+        name, folder, offset, units, position = mark
+        if name is None:
             self.close()
             self.name, self.folder, self.offset, self.units = None, self.path, 0, 0
             self.number = self.part = 0
         else:
-            self._rewind(*mark)
+            self._rewind(name, folder, offset, units)
+        self.position = position
 
     def _rewind(self, name: str | None, folder: str, offset: int, units: int) -> None:
         """Go back to the start of an unfinished unit, maybe in an earlier segment."""

@@ -10,11 +10,11 @@ whole protocol; docs/format.md the bytes.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import (
     Callable,
     Iterable,
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
 from . import compaction, snapshot
-from .codec import Batch, Op, Value, apply, ops_of
+from .codec import Batch, Op, Value, apply
 from .errors import ClosedError, Error, FormatError, ReadOnlyError
 from .locks import CompactionLock, DirLock, WriterLock
 from .mapping import MISSING, StoreMapping, TransactionMapping
@@ -37,8 +37,10 @@ from .segments import (
     SHM,
     Cursor,
     Limit,
+    Mark,
     Meta,
     NeedReload,
+    UnitPos,
     check_store_dir,
     check_written,
     clear_intent,
@@ -46,17 +48,15 @@ from .segments import (
     discard_intent,
     list_log,
     list_segments,
-    oldest_needed,
     parse_name,
     read_intent,
     read_meta,
-    register_reader,
     truncate_log,
-    unregister_reader,
     write_intent,
     written_format,
 )
 from .shm import SEQ, SharedState
+from .watch import LogWatcher, check_prefix, check_timeout, parse_position, unit_token
 
 COMPACT_LOCK = "compact.lock"
 AUTO_COMPACT_MIN_BYTES = 4 << 20  # no auto-compaction below this much sealed data...
@@ -127,7 +127,8 @@ class Store(StoreMapping):
         self.format = self.meta.format
         self.max_segment_bytes = self.meta.max_segment_bytes
         self._codec = self.meta.codec
-        self._listeners: list[collections.deque[Op]] = []
+        # Watchers of this store, told when it closes; guarded by the tail mutex.
+        self._watchers: weakref.WeakSet[LogWatcher] = weakref.WeakSet()
         self._epoch = 0
         self._open_files()
 
@@ -171,8 +172,6 @@ class Store(StoreMapping):
         self._dirlock = DirLock(os.path.join(aux, DIRLOCK), writable=not self.readonly)
         self._cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock)
         self._seen_seq = -1
-        self._token = f"{os.getpid()}-{id(self)}"  # this store's name among watchers
-        self._registered: int | None = None  # segment number registered for watchers
         self._verified = False  # has this process's writer checked the log tail once?
         self._appended = 0  # records this process appended ...
         self._synced = 0  # ... and how many of them are known to be on disk
@@ -205,9 +204,9 @@ class Store(StoreMapping):
         if self._epoch != _fork_epoch[0]:
             # First use in a forked child: inherited descriptors share the parent's
             # lock and file offsets, and threading locks may be held by threads that do
-            # not exist here. Start over with our own (the parent's watcher registration
-            # stays the parent's).
-            self._registered = None
+            # not exist here. Start over with our own (the parent's watchers stay the
+            # parent's).
+            self._watchers = weakref.WeakSet()
             self._close_files()
             self._open_files()
 
@@ -292,8 +291,6 @@ class Store(StoreMapping):
                     if look.check is None or not self._changed(look.check):
                         if batches:
                             self._apply(batches)
-                        if self._listeners and self._cursor.number != self._registered:
-                            self._register()
                         self._seen_seq = look.seq
                         self._last_refresh = time.monotonic()
                         return len(batches), torn
@@ -311,10 +308,11 @@ class Store(StoreMapping):
 
     def _reload(self, look: Look) -> int | None:
         """Rebuild the view from scratch: files the cursor needed were compacted away.
+        Only the view: watchers read the log with cursors of their own (watch.py), so
+        none of them is fed the difference of two states in place of the changes.
         None (nothing changed) when a writer published during an untrusted read."""
         for _ in range(100):
             cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock)
-            cursor.retained = self._cursor.retained
             try:
                 batches, _ = cursor.read(look.limit)
             except NeedReload:
@@ -327,15 +325,14 @@ class Store(StoreMapping):
             for batch in batches:
                 apply(view, batch)
             old = self._view
-            changes: list[Op] = [(k, v) for k, v in view.items() if old.get(k, MISSING) != v]
-            changes += [(k, None) for k in old if k not in view]
+            changed = sum(1 for k, v in view.items() if old.get(k, MISSING) != v)
+            changed += sum(1 for k in old if k not in view)
             self._view = view  # one reference store: readers see the old or the new view
-            self._notify(changes)
             self._cursor.close()
             self._cursor = cursor
             self._seen_seq = look.seq
             self._last_refresh = time.monotonic()
-            return len(changes)
+            return changed
         raise Error(f"{self.path}: could not read a stable set of segments (compaction loop?)")
 
     def _apply(self, batches: list[Batch]) -> None:
@@ -348,12 +345,6 @@ class Store(StoreMapping):
                 apply(view, batch)
         finally:
             self._version += 1
-        if self._listeners:
-            self._notify([op for batch in batches for op in ops_of(batch)])
-
-    def _notify(self, ops: list[Op]) -> None:
-        for queue in self._listeners:
-            queue.extend(ops)
 
     def _fresh(self) -> None:
         """Make the view fresh enough for a read, per ``max_staleness``."""
@@ -577,6 +568,13 @@ class Store(StoreMapping):
         self._shm.begin()
         try:
             self._sync_follows_cursor()
+            # Where the unit starts: a reader computes the same position (watch.py).
+            first_units = records[0][1]
+            if cursor.name is None or (cursor.units and
+                                       cursor.units + first_units > self.max_segment_bytes):
+                begun = (cursor.number + 1, 0)
+            else:
+                begun = (cursor.number, cursor.offset)
             if len(records) == 1:  # the common case, kept short
                 data, units = records[0]
                 if cursor.name is None or (
@@ -590,9 +588,13 @@ class Store(StoreMapping):
             raise
         self._appended += 1
         self._apply([ops])
+        if self.format == "text":  # no framing: every line is a unit of its own
+            cursor.position = (cursor.number, cursor.offset - len(records[-1][0]), 1)
+        else:
+            cursor.position = (*begun, len(ops))
         self._seen_seq = self._shm.publish(cursor.number, cursor.offset)
 
-    def _undo(self, start: tuple[str | None, str, int, int], end: int) -> None:
+    def _undo(self, start: Mark, end: int) -> None:
         """Put the log back as it was before a failed write: the cursor at ``start``,
         its segment cut at ``end``, segments started since deleted; then the published
         point is the log's end again. If even that fails, the in-flight flag stays set
@@ -770,7 +772,7 @@ class Store(StoreMapping):
         if not lock.acquire(wait):
             return {}
         try:
-            compaction.tidy(self.path, oldest_needed(self.path), self._dirlock)
+            compaction.tidy(self.path, self._dirlock)
             with self._write_mutex:
                 self._lock()
                 try:
@@ -788,8 +790,9 @@ class Store(StoreMapping):
             if not sealed:
                 return {"segments_before": 0, "segments_after": 0, "bytes_before": 0,
                         "bytes_after": 0}
+            horizon: list[UnitPos] = []
             state = compaction.replay(self.path, self._codec,
-                                      progress(sealed) if progress else sealed)
+                                      progress(sealed) if progress else sealed, horizon)
             outputs = compaction.write_outputs(self.path, self._codec, state,
                                                self.max_segment_bytes)
             after = sum(o.size for o in outputs)
@@ -798,7 +801,7 @@ class Store(StoreMapping):
                 self._lock()
                 try:
                     compaction.switch(self.path, outputs, number, sealed,
-                                      oldest_needed(self.path), self._dirlock)
+                                      self._dirlock, horizon[0])
                 finally:
                     self._unlock()
         finally:
@@ -806,55 +809,27 @@ class Store(StoreMapping):
         return {"segments_before": len(sealed), "segments_after": len(outputs),
                 "bytes_before": before, "bytes_after": after}
 
-    def watch(self, prefix: str = "", *,
-              timeout: float | None = None) -> Iterator[tuple[str, Value | None]]:
-        """Yield ``(key, value)`` (None for a delete) for every change committed by any
-        process after this call, in commit order; stop after ``timeout`` idle seconds."""
+    def watch(self, prefix: str = "", *, since: str | None = None,
+              timeout: float | None = None) -> LogWatcher:
+        """An iterator of :class:`Change` for every change committed by any process after
+        this call (or after position ``since``), in commit order; it ends after
+        ``timeout`` seconds without a change. CompactedError when compaction removed
+        changes after ``since`` (docs/guide.md, "Watching changes")."""
         self._check()
-        queue: collections.deque[Op] = collections.deque()
+        prefix = check_prefix(prefix)
+        timeout = check_timeout(timeout)
+        start = None if since is None else parse_position(since)
+        watcher = LogWatcher(self, prefix, start, timeout)
         with self._tail_mutex:
-            self._catch_up(self._reader_limit())
-            self._listeners.append(queue)
-            self._register()
-        return self._watching(queue, prefix, timeout)
+            self._watchers.add(watcher)
+        return watcher
 
-    def _register(self) -> None:
-        """Tell compaction which segments this process's watchers have yet to read."""
-        self._cursor.retained = True
-        if not self.readonly:
-            register_reader(self.path, self._token, self._cursor.number)
-            self._registered = self._cursor.number
-
-    def _watching(self, queue: collections.deque[Op], prefix: str,
-                  timeout: float | None) -> Iterator[tuple[str, Value | None]]:
-        idle_since = time.monotonic()
-        pause = 0.0005
-        try:
-            while True:
-                while queue:
-                    key, value = queue.popleft()
-                    if key.startswith(prefix):
-                        yield key, value
-                        idle_since = time.monotonic()
-                if self._epoch == -1:
-                    return
-                if self._shm.seq != self._seen_seq:
-                    with self._tail_mutex:
-                        self._catch_up(self._reader_limit())
-                    pause = 0.0005
-                    continue
-                if timeout is not None and time.monotonic() - idle_since >= timeout:
-                    return
-                time.sleep(pause)
-                pause = min(pause * 2, 0.005)
-        finally:
-            with self._tail_mutex:
-                if queue in self._listeners:
-                    self._listeners.remove(queue)
-                if not self._listeners and self._registered is not None and self._epoch != -1:
-                    unregister_reader(self.path, self._token)
-                    self._registered = None
-                    self._cursor.retained = False
+    def position(self) -> str:
+        """The position of the last change this process has applied (caught up per
+        ``max_staleness``); before any change, a token that sorts before them all."""
+        self._fresh()
+        with self._tail_mutex:
+            return unit_token(self._cursor.position)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -870,12 +845,14 @@ class Store(StoreMapping):
                 self._sync(self._appended)
         if self._compactor is not None:
             self._compactor.join()
+        with self._tail_mutex:
+            watchers = list(self._watchers)
+        for watcher in watchers:
+            watcher._store_closed()
         self._epoch = -1
         self._close_files()
 
     def _close_files(self) -> None:
-        if self._registered is not None and self._token.startswith(f"{os.getpid()}-"):
-            unregister_reader(self.path, self._token)  # (a forked child leaves it alone)
         self._cursor.close()
         self._dirlock.close()
         self._shm.close()

@@ -376,6 +376,9 @@ def test_watch_prints_changes_in_order(store: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    positions = [d.pop("position") for d in lines]
+    assert positions == sorted(positions), "positions sort in commit order"
+    assert all(d.pop("deleted") is (d["value"] is None) for d in lines)
     pings = [d for d in lines if d["key"].startswith("ping:")]
     rest = [d for d in lines if not d["key"].startswith("ping:")]
     assert lines[: len(pings)] == pings, "pings all come before the later writes"
@@ -411,7 +414,8 @@ def test_watch_prefix_and_timeout(store: Path) -> None:
             proc.kill()
             proc.wait()
     assert lines and all(d["key"].startswith("a:") for d in lines)
-    assert lines[-1] == {"key": "a:last", "value": "yes"}
+    assert {k: lines[-1][k] for k in ("key", "value", "deleted")} == {
+        "key": "a:last", "value": "yes", "deleted": False}
     assert time.monotonic() - started >= 1.5  # ended by the idle timeout
 
 

@@ -188,3 +188,70 @@ def test_repair_bridges_a_missing_segment(tmp_path: Path, which: str) -> None:
     assert any(names[i + 1] in str(d) for d in report.damage), report.summary()
     assert state(path) == {k: v for k, v in want.items() if k not in lost}
     assert mpkv.verify(str(path)).ok
+
+
+# ------------------------------------------------ record types
+
+
+@pytest.mark.parametrize("rtype", [0, 4, 9, 255])
+def test_record_of_unknown_type_is_damage_not_applied(tmp_path: Path, rtype: int) -> None:
+    """A record with a valid checksum but a type that is not 1, 2 or 3, holding a single
+    put of a str (what the fast path decodes), is damage wherever it is."""
+    import struct
+    import zlib
+    path = tmp_path / "s"
+    with mpkv.Store(path) as s:
+        s["before"] = "1"
+    seg = path / list_segments(str(path))[0]
+    good = seg.read_bytes()
+    records = mpkv.codec.CODECS["binary"].encode([("evil", "x")])
+    rec = bytearray(records[0][0])
+    rec[8] = rtype
+    rec[0:4] = struct.pack("<I", zlib.crc32(bytes(rec[4:])))
+    with mpkv.Store(path) as s:
+        s["after"] = "2"
+    tail = seg.read_bytes()[len(good):]
+    seg.write_bytes(good + bytes(rec) + tail)
+    with pytest.raises(mpkv.CorruptionError) as err:
+        mpkv.Store(path, readonly=True)
+    assert str(seg) in str(err.value) and f"offset {len(good)}" in str(err.value)
+    assert not mpkv.verify(str(path)).ok
+
+
+# ------------------------------------------------ listing the directory
+
+
+def _count_listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    real = os.listdir
+
+    def listdir(path: object = ".") -> list[str]:
+        calls.append(str(path))
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    return calls
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_open_lists_the_directory_a_bounded_number_of_times(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readonly: bool) -> None:
+    """Opening a store of 300 segments lists its directory a few times, not once per
+    segment (that made open time quadratic in the number of segments); so does a
+    refresh that reads 100 new segments."""
+    path = tmp_path / "s"
+    with mpkv.Store(path, max_segment_bytes=40, auto_compact=False, fsync="never") as s:
+        for i in range(300):
+            s[f"k{i}"] = "v" * 10
+    assert len(list_segments(str(path))) >= 300
+    calls = _count_listings(monkeypatch)
+    with mpkv.Store(path, readonly=readonly) as s:
+        assert len(s) == 300
+        assert len([c for c in calls if c == str(path)]) <= 4, calls
+        with mpkv.Store(path, fsync="never", auto_compact=False) as w:
+            for i in range(300, 400):
+                w[f"k{i}"] = "v" * 10
+        calls.clear()
+        s.refresh()
+        assert len(s) == 400
+        assert len([c for c in calls if c == str(path)]) <= 2, calls

@@ -766,7 +766,7 @@ def test_watch_reports_a_gap_and_views_reload_after_trimming(url: str,
     changes = s.watch(timeout=0.5)
     for i in range(500):
         s[f"k{i % 7}"] = str(i)
-    with pytest.raises(mpkv.Error, match="fell behind"):
+    with pytest.raises(mpkv.CompactedError, match="trimmed"):
         list(changes)
     assert manual.refresh() == 500
     assert dict(manual.items()) == dict(s.items())
@@ -823,3 +823,43 @@ def test_cli_takes_a_redis_url(url: str, tmp_path: Path) -> None:
     r = run("get", f"redis://{HOST}:{free_port()}/0", "k")
     assert r.returncode == 1 and "cannot connect" in r.stderr
     assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+# --- change feed: Change, positions, since, CompactedError --------------------------------
+
+
+def test_redis_watch_yields_changes_with_positions_that_resume(url: str,
+                                                               closing: list[Any]) -> None:
+    s = mpkv.open(url)
+    closing.append(s)
+    start = s.position()
+    changes = s.watch(timeout=0.3)
+    s["a"] = "1"
+    with s.transaction() as tx:
+        tx["b"] = b"\x00"
+        del tx["a"]
+    got = list(changes)
+    assert got == [("a", "1"), ("b", b"\x00"), ("a", None)]
+    assert all(isinstance(c, mpkv.Change) for c in got)
+    assert [c.deleted for c in got] == [False, False, True]
+    positions = [c.position for c in got]
+    assert start < positions[0] and positions == sorted(positions)
+    assert s.position() == positions[-1]
+    for n, change in enumerate(got):
+        assert list(s.watch(since=change.position, timeout=0)) == got[n + 1:]
+    assert list(s.watch(since=start, timeout=0)) == got
+    with pytest.raises(ValueError, match="since"):
+        s.watch(since="000000000001-000000000000-0000000000-0000000000")
+
+
+def test_redis_watch_since_a_trimmed_position_raises_compacted_error(
+        url: str, closing: list[Any]) -> None:
+    s = mpkv.open(url, stream_maxlen=10)
+    closing.append(s)
+    s["a"] = "1"
+    old = s.position()
+    for i in range(500):
+        s[f"k{i % 7}"] = str(i)
+    with pytest.raises(mpkv.CompactedError):
+        next(iter(s.watch(since=old, timeout=0)))
+    assert list(s.watch(since=s.position(), timeout=0)) == []
