@@ -604,12 +604,27 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at /dev/null so flushing it at exit cannot complain again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (Error, ValueError, TypeError, OSError) as exc:
-        _fail(command, str(exc) or type(exc).__name__)
+    except Exception as exc:
+        if _interrupted(exc):  # Ctrl-C, then a failure while cleaning up after it
+            _fail(command, "interrupted")
+            return 130
+        if isinstance(exc, (Error, ValueError, TypeError, OSError)):
+            _fail(command, str(exc) or type(exc).__name__)
+        else:  # a bug of ours: still one line, naming what went wrong
+            _fail(command, f"unexpected {type(exc).__name__}: {exc}")
         return 1
-    except Exception as exc:  # a bug of ours: still one line, naming what went wrong
-        _fail(command, f"unexpected {type(exc).__name__}: {exc}")
-        return 1
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """True when a KeyboardInterrupt is among the exceptions ``exc`` was raised during."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -868,11 +868,15 @@ def test_interrupt_prints_one_line_and_exits_130(store: Path) -> None:
     proc.stdin.write(jsonl(1000))  # one whole chunk: committed while stdin stays open
     proc.stdin.flush()
     deadline = time.monotonic() + 60
-    while len(mpkv.Store(store, readonly=True)) < 1001:  # the load is running
-        assert time.monotonic() < deadline and proc.poll() is None
+    while True:  # until the load is running: its first chunk is committed
+        with mpkv.Store(store, readonly=True) as s:
+            if len(s) >= 1001:
+                break
+        assert time.monotonic() < deadline and proc.poll() is None, (
+            proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     err = proc.stderr.read()
-    assert proc.wait(timeout=30) == 130
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    code = proc.wait(timeout=30)
+    assert code == 130 and "Traceback" not in err and len(err.splitlines()) == 1, (code, err)
     proc.stdin.close()
