@@ -811,7 +811,10 @@ class Store(StoreMapping):
     def serialize(self, file_path: str | os.PathLike[str]) -> None:
         """Write the current state (caught up) to one file, atomically: a reader of
         ``file_path`` sees the old file or the whole new one. Values are stored encoded
-        (JSON text for a JSON store), as in the log (docs/format.md)."""
+        (JSON text for a JSON store), as in the log (docs/format.md). The file gets mode
+        0666 minus the umask. A symbolic link at ``file_path`` is followed on purpose (it
+        is the caller's path, as with a shell's ``>``): the file it points to is replaced
+        and the link stays."""
         snapshot.write(os.fspath(file_path), snapshot.encode(self._copy()))
 
     def deserialize(self, file_path: str | os.PathLike[str]) -> None:
