@@ -133,9 +133,11 @@ class Store(StoreMapping):
             if self.readonly:
                 if not exists:
                     raise FormatError(f"{self.path}: no store here (readonly cannot create one)")
-                return Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES)
+                return Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES,
+                            *written[2:] if written else ())
             os.makedirs(self.path, exist_ok=True)
-            meta = create_meta(self.path, Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES))
+            meta = create_meta(self.path, Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES,
+                                               *written[2:] if written else ()))
         else:
             check_written(self.path, meta.format, os.path.join(self.path, AUX, META))
         if format is not None and format != meta.format:
@@ -157,7 +159,8 @@ class Store(StoreMapping):
         self._shm = SharedState(os.path.join(aux, SHM), writable=not self.readonly)
         self._view: dict[str, Value] = {}
         self._dirlock = self._open_dirlock()
-        self._cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock)
+        self._cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock,
+                              self.meta.max_file_bytes)
         self._seen_seq = -1
         self._verified = False  # has this process's writer checked the log tail once?
         self._appended = 0  # records this process appended ...
@@ -266,7 +269,8 @@ class Store(StoreMapping):
         Only the view: watchers read the log with cursors of their own (watch.py), so
         none of them is fed the difference of two states in place of the changes."""
         for _ in range(100):
-            cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock)
+            cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock,
+                            self.meta.max_file_bytes)
             try:
                 batches, _ = cursor.read(limit)
             except NeedReload:

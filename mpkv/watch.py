@@ -152,7 +152,7 @@ class LogWatcher(Iterator[Change]):
         self._timeout = timeout
         self._pid = os.getpid()
         self._name: str | None = f"{self._pid}-w{next(_names)}-{id(self):x}"
-        cursor = Cursor(store.path, store._codec, False, store._dirlock)
+        cursor = Cursor(store.path, store._codec, False, store._dirlock, store.meta.max_file_bytes)
         cursor.retained = True
         self._cursor = cursor
         self._finalizer = weakref.finalize(self, _release, store.path, self._name, cursor)

@@ -41,7 +41,7 @@ import crash_workers as cw  # noqa: E402
 
 import mpkv  # noqa: E402
 from mpkv.codec import CODECS, HEADER  # noqa: E402
-from mpkv.segments import AUX, SHM, list_segments  # noqa: E402
+from mpkv.segments import AUX, SHM, list_segments, written_format  # noqa: E402
 
 WORKER = os.path.join(TESTS, "crash_workers.py")
 BINARY, TEXT = CODECS["binary"], CODECS["text"]
@@ -318,7 +318,7 @@ def _prepare_torn_case(path, case):
     """Build a store; return (segment, record start, record end, state without the last
     record). The last record is the newest segment's last one."""
     fmt = "text" if case.startswith("text") else "binary"
-    maxseg = 4096 if case == "binary-tx50" else 200
+    maxseg = 4096 if case == "binary-tx50" else 230 if fmt == "binary" else 200
     before = {}
     with mpkv.Store(path, format=fmt, max_segment_bytes=maxseg, fsync="never") as s:
         for i in range(14):
@@ -1128,6 +1128,12 @@ def test_fuzz_open_store_with_random_segment(fmt, followed, junk):
         if followed:  # the random segment is then an old one: damage is never torn
             with open(os.path.join(path, "000000000002.seg"), "wb") as f:
                 f.write(b"P|z|1\n" if fmt == "text" else _record(BINARY, [("z", "1")]))
+        written = written_format(path)
+        if fmt == "text" and written is not None and written[0] == "binary":
+            # a whole binary record in a text store: refused before anything is written
+            with pytest.raises(mpkv.FormatError):
+                mpkv.Store(path)
+            return
         codec = CODECS[fmt]
         dec = codec.decode(junk)
         got = _open_outcome(path)
