@@ -378,6 +378,8 @@ class BinaryCodec(Codec):
                 if pos > end or op not in (OP_PUT_STR, OP_PUT_BYTES, OP_DELETE):
                     return None
                 if op == OP_DELETE:
+                    if vlen:  # a delete has no value: a writer never sets one
+                        return None
                     ops.append((key, None))
                 elif op == OP_PUT_STR:
                     ops.append((key, raw.decode("utf-8")))
