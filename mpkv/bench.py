@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from multiprocessing.managers import BaseManager, DictProxy
 from typing import Any
 
 from .store import Store
@@ -225,6 +226,92 @@ class DictKv(Kv):
         self.put, self.get = self.d.__setitem__, self.d.get
 
 
+# --- dicts shared between processes without files --------------------------------------
+#
+# The process that first opens a "path" of these owns the shared dict (a manager's server
+# process, a shared-memory segment) and writes how to reach it into the path; other
+# processes attach. The owner keeps it until release_shared() at the end of the run, so
+# the bench can close and reopen the dict as it does a store.
+
+_OWNED: list[Callable[[], None]] = []  # release actions of the dicts this process owns
+
+
+def release_shared() -> None:
+    while _OWNED:
+        _OWNED.pop()()
+
+
+_SHARED_DICT: dict[str, bytes] = {}  # in a manager's server process: the dict it serves
+
+
+def _shared_dict() -> dict[str, bytes]:
+    return _SHARED_DICT
+
+
+class DictManager(BaseManager):
+    """A server process holding one dict; ``get_dict()`` is a proxy to it."""
+
+
+DictManager.register("get_dict", callable=_shared_dict, proxytype=DictProxy)
+
+
+class ManagerKv(Kv):
+    """``multiprocessing.Manager().dict()``: every operation a round trip to the server."""
+
+    def __init__(self, path: str) -> None:
+        info = os.path.join(path, "manager.json")
+        if os.path.exists(info):
+            with open(info, encoding="utf-8") as f:
+                host, port, key = json.load(f)
+            manager = DictManager(address=(host, port), authkey=bytes.fromhex(key))
+            manager.connect()
+        else:
+            os.makedirs(path, exist_ok=True)
+            key = os.urandom(16).hex()
+            manager = DictManager(address=("127.0.0.1", 0), authkey=bytes.fromhex(key),
+                                  ctx=multiprocessing.get_context("spawn"))
+            manager.start()
+            # the closure keeps the manager alive: collecting it would stop its server
+            _OWNED.append(lambda: manager.shutdown())
+            address: Any = manager.address  # (host, port) for a TCP address
+            host, port = address
+            with open(info, "w", encoding="utf-8") as f:
+                json.dump([host, port, key], f)
+        self.d = manager.get_dict()  # type: ignore[attr-defined]
+        self.put, self.get = self.d.__setitem__, self.d.get
+
+    def batch(self, items: list[tuple[str, bytes]]) -> None:
+        self.d.update(items)  # one round trip
+
+
+class UltraDictKv(Kv):
+    """UltraDict: a dict streamed through shared memory, with a shared lock so that
+    several processes may write."""
+
+    def __init__(self, path: str) -> None:
+        from UltraDict import UltraDict
+
+        info = os.path.join(path, "ultradict.name")
+        if os.path.exists(info):
+            with open(info, encoding="utf-8") as f:
+                name = f.read()
+            self.d = UltraDict(name=name, create=False, shared_lock=True)
+        else:
+            os.makedirs(path, exist_ok=True)
+            name = f"mpkv-bench-{os.getpid()}-{os.urandom(4).hex()}"
+            self.d = UltraDict(name=name, create=True, shared_lock=True,
+                               buffer_size=1 << 24, full_dump_size=1 << 28, auto_unlink=False)
+            _OWNED.append(self.d.unlink)
+            with open(info, "w", encoding="utf-8") as f:
+                f.write(name)
+        self.put, self.get = self.d.__setitem__, self.d.get
+
+    def batch(self, items: list[tuple[str, bytes]]) -> None:
+        with self.d.lock:
+            for k, v in items:
+                self.d[k] = v
+
+
 def _dbm_backend() -> str:
     """The module ``shelve`` will use: the first of dbm's choices that imports."""
     for name in ("dbm.gnu", "dbm.ndbm"):
@@ -243,12 +330,12 @@ class Spec:
 
     name: str
     durability: str
-    module: str  # what must be importable ("" for the standard library)
+    module: str  # what must be importable, comma-separated ("" for the standard library)
     make: Callable[[str], Kv]
 
     @property
     def available(self) -> bool:
-        return not self.module or importlib.util.find_spec(self.module) is not None
+        return all(importlib.util.find_spec(m) is not None for m in self.module.split(",") if m)
 
     @property
     def is_mpkv(self) -> bool:
@@ -276,6 +363,10 @@ SPECS = {s.name: s for s in [
          "sqlitedict", SqlitedictKv),
     Spec("shelve", f"{_dbm_backend()}: no fsync; one process only", "", ShelveKv),
     Spec("dict", "in memory: nothing persisted (the ceiling)", "", DictKv),
+    Spec("Manager().dict()", "multiprocessing manager: a server process's memory; nothing "
+         "persisted", "", ManagerKv),
+    Spec("UltraDict", "shared memory, shared_lock=True; nothing persisted",
+         "UltraDict,atomics", UltraDictKv),  # atomics: its lock across processes
 ]}
 
 UNSYNCED = ["mpkv fsync=never", "lmdb sync=False", "sqlite3 WAL sync=OFF", "diskcache",
@@ -283,6 +374,8 @@ UNSYNCED = ["mpkv fsync=never", "lmdb sync=False", "sqlite3 WAL sync=OFF", "disk
 SYNCED = ["mpkv fsync=always", "lmdb sync=True", "sqlite3 WAL sync=FULL"]
 CONCURRENT = ["mpkv fsync=never", "lmdb sync=False", "sqlite3 WAL sync=OFF", "diskcache"]
 CROSS = ["mpkv fsync=never", "lmdb sync=False", "sqlite3 WAL sync=OFF"]
+# dicts several processes share without persisting anything: the other way to share state
+SHARED = ["Manager().dict()", "UltraDict"]
 
 
 # --- results ---------------------------------------------------------------------------
@@ -356,14 +449,14 @@ class Bench:
     def puts(self, workload: str, names: list[str]) -> None:
         self.race(workload, names, lambda kv, i: kv.put(key(i), VALUE), "puts/s")
 
-    def gets(self, names: list[str] = UNSYNCED) -> None:
+    def gets(self, names: list[str] = UNSYNCED + SHARED) -> None:
         n = self.sizes.gets_keys
         order = [key(random.Random(i).randrange(n)) for i in range(4096)]
         self.race("hot get", names, lambda kv, i: kv.get(order[i & 4095]), "gets/s",
                   setup=lambda kv: _fill(kv, n, rounds=1))
 
     def batches(self) -> None:
-        self.race(f"batch of {BATCH} puts (one txn)", UNSYNCED, lambda kv, i: kv.batch(
+        self.race(f"batch of {BATCH} puts (one txn)", UNSYNCED + SHARED, lambda kv, i: kv.batch(
             [(key(i * BATCH + j), VALUE) for j in range(BATCH)]), "puts/s", per_op=BATCH,
             every=1)
 
@@ -404,7 +497,7 @@ class Bench:
     def visibility(self) -> None:
         rounds = self.sizes.vis_rounds
         workload = "visibility latency (write -> other process sees it)"
-        for spec in self.specs(CROSS):
+        for spec in self.specs(CROSS + SHARED):
             path = self.fresh_dir()
             spec.make(path).close()
             seen = self.ctx.Value("q", -1, lock=False)
@@ -543,8 +636,9 @@ def with_ratios(rows: list[Row]) -> list[tuple[Row, float | None]]:
     return out
 
 
-def table(rows: list[Row]) -> str:
-    """A Markdown table of every row, with the ratio mpkv/store."""
+def table(rows: list[Row], skipped: list[str] = []) -> str:  # noqa: B006 (read only)
+    """A Markdown table of every row, with the ratio mpkv/store; the stores ``skipped``
+    (not installed) get a row that says so."""
     lines = ["| workload | store | durability | result | mpkv/store |",
              "|---|---|---|---:|---:|"]
     first = {w: i for i, w in reversed(list(enumerate(r.workload for r in rows)))}
@@ -556,6 +650,10 @@ def table(rows: list[Row]) -> str:
         lines.append(f"| {shown} | {row.store} | {durability} | "
                      f"{_fmt(row.value)} {row.unit} | "
                      f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+    for name in skipped:
+        need = " ".join(SPECS[name].module.split(","))
+        lines.append(f"| **not measured** | {name} | {SPECS[name].durability} | "
+                     f"skipped: not installed (`pip install {need}`) | |")
     return "\n".join(lines)
 
 
@@ -606,9 +704,13 @@ def targets(b: Bench) -> list[Target]:
     ]
 
 
-def plot(rows: list[Row], file: str) -> None:
-    """Aggregate put throughput against the number of writer processes."""
-    import matplotlib
+def plot(rows: list[Row], file: str) -> bool:
+    """Aggregate put throughput against the number of writer processes; False when
+    matplotlib (the bench extra) is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -628,6 +730,7 @@ def plot(rows: list[Row], file: str) -> None:
     fig.tight_layout()
     fig.savefig(file, dpi=110)
     plt.close(fig)
+    return True
 
 
 def machine() -> str:
@@ -643,12 +746,13 @@ def machine() -> str:
 def run(b: Bench) -> None:
     steps: list[tuple[str, Callable[[], None]]] = [
         ("single puts", lambda: b.puts("single put (no fsync)",
-                                       [*UNSYNCED[:1], "mpkv fsync=periodic", *UNSYNCED[1:]])),
+                                       [*UNSYNCED[:1], "mpkv fsync=periodic", *UNSYNCED[1:],
+                                        *SHARED])),
         ("synced puts", lambda: b.puts("single put (fsync every put)", SYNCED)),
         ("hot gets", b.gets),
         ("batches", b.batches),
-        ("concurrent puts", lambda: b.concurrent(CONCURRENT, b.sizes.procs, b.sizes.proc_puts,
-                                                 "concurrent puts (no fsync)")),
+        ("concurrent puts", lambda: b.concurrent(
+            CONCURRENT + SHARED, b.sizes.procs, b.sizes.proc_puts, "concurrent puts (no fsync)")),
         ("concurrent synced puts", lambda: b.concurrent(
             SYNCED, b.sizes.synced_procs, b.sizes.proc_synced_puts,
             "concurrent puts (fsync every put)")),
@@ -702,13 +806,14 @@ def main(argv: list[str]) -> int:
         b = Bench(sizes, names, scratch)
         run(b)
     finally:
+        release_shared()
         shutil.rmtree(scratch, ignore_errors=True)
     stem = os.path.join(args.out, "bench-quick" if args.quick else "bench")
     goals = targets(b)
     report = "\n".join([
         f"Machine: {before} at the start, {machine().rsplit(', ', 1)[1]} at the end. "
         f"Run: `mpkv bench {' '.join(argv)}` in "
-        f"{time.monotonic() - started:.0f} s.", "", table(b.rows), "",
+        f"{time.monotonic() - started:.0f} s.", "", table(b.rows, skipped), "",
         "| target | measured | met |", "|---|---:|---|",
         *[f"| {t.goal} | {t.measured} | {'n/a' if t.met is None else 'yes' if t.met else 'NO'} |"
           for t in goals]])
@@ -718,9 +823,14 @@ def main(argv: list[str]) -> int:
         json.dump({"machine": before, "load_at_end": os.getloadavg(), "argv": argv,
                    "sizes": asdict(sizes),
                    "durability": {n: SPECS[n].durability for n in b.stores},
+                   "skipped": skipped,
                    "rows": [{**asdict(r), "mpkv_ratio": q} for r, q in with_ratios(b.rows)],
                    "targets": [asdict(t) for t in goals]}, f, indent=1)
-    plot(b.rows, stem + "-concurrency.png")
+    wrote = [f"{stem}.md", f"{stem}.json"]
+    if plot(b.rows, stem + "-concurrency.png"):
+        wrote.append(f"{stem}-concurrency.png")
+    else:
+        print("mpkv bench: matplotlib is not installed: no plot", file=sys.stderr)
     print(report)
-    print(f"mpkv bench: wrote {stem}.md, {stem}.json, {stem}-concurrency.png", file=sys.stderr)
+    print(f"mpkv bench: wrote {', '.join(wrote)}", file=sys.stderr)
     return 0

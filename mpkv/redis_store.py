@@ -12,7 +12,11 @@ keeps a namespace in one slot and a script may touch all of them atomically):
   fields ``k`` (key) and ``v`` (tagged value; absent for a delete): what ``watch()``
   and the local views of ``max_staleness > 0`` read;
 - ``mpkv:{N}:seq``: the number of the last commit;
-- ``mpkv:{N}:lock``: the transaction lock, a random token with an expiry.
+- ``mpkv:{N}:lock``: the transaction lock, a random token with an expiry;
+- ``mpkv:{N}:meta``: a hash; field ``serializer`` (``raw`` or ``json``) is recorded by
+  the first writable handle to open the namespace (``raw`` when it already holds data
+  from before the field existed) and never changed. Values of a JSON namespace are
+  stored as the tagged str of their JSON text.
 
 Every write is one Lua script (atomic: the hash, the stream and the counter change
 together or not at all, also in the AOF). A transaction holds the lock for its whole
@@ -58,7 +62,8 @@ from .errors import (
     LockTimeout,
     ReadOnlyError,
 )
-from .mapping import MISSING, StoreMapping, TransactionMapping
+from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint, update_pairs
+from .serializer import serializer_for
 from .store import _check_options, _fork_epoch
 from .watch import Change, check_prefix, check_timeout
 
@@ -126,6 +131,17 @@ if holder ~= ARGV[1] then return 0 end
 if ARGV[2] == 'r' then redis.call('DEL', KEYS[1]) return 1 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
+"""
+# KEYS: meta, data, log. ARGV: the serializer to record ("" records nothing: readonly).
+# Returns the namespace's serializer.
+_META = """
+local s = redis.call('HGET', KEYS[1], 'serializer')
+if s then return s end
+if ARGV[1] == '' then return 'raw' end
+s = ARGV[1]
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then s = 'raw' end
+redis.call('HSET', KEYS[1], 'serializer', s)
+return s
 """
 _SHA = {name: hashlib.sha1(text.encode()).hexdigest().encode()
         for name, text in (("commit", _COMMIT), ("lock", _LOCK))}
@@ -259,16 +275,25 @@ def _redact(url: str) -> str:
 
 class RedisStore(StoreMapping):
     """The mpkv Store API on one namespace of a Redis server, shared by every process
-    (on any machine) that opens the same URL."""
+    (on any machine) that opens the same URL.
+
+    Options as for :class:`Store` (``serializer``, ``max_staleness``, ``readonly``,
+    ``lock_timeout``); ``lock_ttl``: seconds a transaction's lock outlives a client
+    that stopped renewing it; ``stream_maxlen``: about how many changes the change
+    stream keeps for ``watch``. ``format``, ``fsync`` and ``max_segment_bytes`` are
+    accepted only as None (they do not apply), ``fsync_interval`` and ``auto_compact``
+    are ignored."""
 
     def __init__(self, url: str, *, max_staleness: float | None = 0.0,
                  readonly: bool = False, lock_timeout: float | None = None,
                  lock_ttl: float = DEFAULT_LOCK_TTL,
                  stream_maxlen: int | None = DEFAULT_STREAM_MAXLEN,
-                 format: str | None = None, fsync: str | None = None,
-                 max_segment_bytes: int | None = None, fsync_interval: float = 1.0,
-                 auto_compact: bool = True) -> None:
+                 format: str | None = None, serializer: str | None = None,
+                 fsync: str | None = None, max_segment_bytes: int | None = None,
+                 fsync_interval: float = 1.0, auto_compact: bool = True) -> None:
         _check_options(None, None, None, fsync_interval, max_staleness, lock_timeout)
+        if serializer is not None:
+            serializer_for(serializer)  # ValueError for an unknown name
         if format not in (None, "binary"):
             raise ValueError(f"format={format!r} does not apply to a Redis store (it stores "
                              "any str key and str or bytes value, like the binary format)")
@@ -296,15 +321,21 @@ class RedisStore(StoreMapping):
         self.stream_maxlen = stream_maxlen
         self._options = dict(max_staleness=max_staleness, readonly=readonly,
                              lock_timeout=lock_timeout, lock_ttl=lock_ttl,
-                             stream_maxlen=stream_maxlen)
+                             stream_maxlen=stream_maxlen, serializer=serializer)
+        self._wanted_serializer = serializer
+        self.serializer = "raw"  # set by _open from the namespace's meta
+        self._serializer = serializer_for("raw")
+        self._open_tx = 0  # open outermost transactions; guarded by _held_mutex
         tag = f"mpkv:{{{self.namespace}}}:"
+        self._meta = (tag + "meta").encode()
         self._data, self._log, self._seq, self._lock_key = (
             (tag + name).encode() for name in ("data", "log", "seq", "lock"))
         self._keys = (self._data, self._log, self._seq, self._lock_key)
         self._maxlen = str(stream_maxlen or 0).encode()
         self._ttl_ms = str(max(1, int(self.lock_ttl * 1000))).encode()
         self._epoch = _fork_epoch[0]  # -1 once closed; behind the fork epoch in a child
-        self._local = threading.local()  # .token: the lock this thread's transaction holds
+        # .token: the lock this thread's transaction holds; .tx: its innermost block
+        self._local = threading.local()
         self._held: dict[bytes, None] = {}  # tokens held by this handle: kept alive
         self._held_mutex = threading.Lock()
         self._keeper: threading.Thread | None = None
@@ -353,17 +384,34 @@ class RedisStore(StoreMapping):
             pipe = self._client.pipeline(transaction=False)
             pipe.type(self._data)
             pipe.type(self._log)
+            pipe.type(self._meta)
             pipe.get(self._seq)
             pipe.script_load(_COMMIT)
             pipe.script_load(_LOCK)
-            data_type, log_type, seq, *_ = pipe.execute()
+            data_type, log_type, meta_type, seq, *_ = pipe.execute()
         except redis.RedisError as exc:
             raise self._fail(exc, "connect") from None
         for key, kind, want in ((self._data, data_type, b"hash"), (self._log, log_type,
-                                                                    b"stream")):
+                                                                    b"stream"),
+                                (self._meta, meta_type, b"hash")):
             if kind not in (b"none", want):
                 raise FormatError(f"{self.path}: key {key.decode()!r} is a "
                                   f"{kind.decode()}, not an mpkv {want.decode()}")
+        record = "" if self.readonly else (self._wanted_serializer or "raw")
+        try:
+            name = self._run("EVAL", _META, 3, self._meta, self._data, self._log, record)
+        except redis.RedisError as exc:
+            raise self._fail(exc, "read the namespace's metadata") from None
+        self.serializer = name.decode() if isinstance(name, bytes) else str(name)
+        try:
+            self._serializer = serializer_for(self.serializer)
+        except ValueError:
+            raise FormatError(f"{self.path}: unknown serializer {self.serializer!r} in "
+                              f"{self._meta.decode()!r}") from None
+        wanted = self._wanted_serializer
+        if wanted is not None and wanted != self.serializer:
+            raise ValueError(f"{self.path}: the namespace's serializer is "
+                             f"{self.serializer!r}, not {wanted!r}")
         self._seen = self._seq_value(seq)
         if self.max_staleness != 0:
             self._reload()
@@ -397,6 +445,7 @@ class RedisStore(StoreMapping):
         # here, and a transaction of the forking thread is the parent's, not ours: start
         # over with fresh ones (redis-py's pool opens new connections by itself).
         self._local = threading.local()
+        self._open_tx = 0
         self._held = {}
         self._held_mutex = threading.Lock()
         self._view_mutex = threading.RLock()
@@ -472,19 +521,30 @@ class RedisStore(StoreMapping):
     # --- reads ------------------------------------------------------------------------
 
     def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` (a fresh object each call for JSON), or ``default``."""
         if self._epoch != _fork_epoch[0]:
             self._check()
+        if self._open_tx:
+            tx = self._joined()
+            if tx is not None:
+                return tx.get(key, default)
         if self._view is not None:
             self._fresh()
             with self._view_mutex:
                 if not isinstance(key, str):
                     raise TypeError(f"key must be str, not {type(key).__name__}")
-                return self._view.get(key, default)
+                value = self._view.get(key, MISSING)
+            if value is MISSING:
+                return default
+            return self._serializer.decode(value)
         raw = self._hget(key)
-        return default if raw is None else _dec_value(raw)
+        return default if raw is None else self._serializer.decode(_dec_value(raw))
 
     def __len__(self) -> int:
         self._check()
+        tx = self._joined()
+        if tx is not None:
+            return len(tx)
         if self._view is not None:
             self._fresh()
             return len(self._view)
@@ -562,7 +622,9 @@ class RedisStore(StoreMapping):
                     value = fields.get(b"v")
                     ops.append((fields[b"k"].decode("utf-8"),
                                 None if value is None else _dec_value(value)))
-                if last[0] >= seq:
+                if last[0] >= seq and len(entries) < 10_000:  # (a full batch may end
+                    break  # in the middle of the last commit: read on)
+                if not entries and last[0] >= seq:
                     break
                 if not entries:
                     return self._reload()
@@ -597,20 +659,50 @@ class RedisStore(StoreMapping):
 
     # --- writes ---------------------------------------------------------------------
 
-    def put(self, key: str, value: Value) -> None:
+    def put(self, key: str, value: Any) -> None:
+        """Set ``key`` to ``value`` (one commit). TypeError/ValueError, nothing written,
+        for a key or value the store's serializer cannot hold."""
         self._writable()
-        self._write([(key, value)], [_enc_key(key), _enc_value(value)], b"p")
+        if self._open_tx:
+            tx = self._joined()
+            if tx is not None:
+                tx.put(key, value)
+                return
+        encoded = self._serializer.encode(value)
+        self._write([(key, encoded)], [_enc_key(key), _enc_value(encoded)], b"p")
 
-    def __setitem__(self, key: str, value: Value) -> None:
+    def __setitem__(self, key: str, value: Any) -> None:
         self.put(key, value)
 
     def delete(self, key: str) -> bool:
         """Remove ``key``; True when it existed. Logged (and watched) even when not."""
         self._writable()
+        tx = self._joined()
+        if tx is not None:
+            return tx.delete(key)
         return self._write([(key, None)], [_enc_key(key), b""], b"p") == 1
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Like ``dict.update``, committed as one atomic script (all or nothing)."""
+        self._writable()
+        if self._joined() is not None:
+            super().update(*args, **kwargs)
+            return
+        ops: list[Op] = []
+        argv: list[bytes] = []
+        for key, value in update_pairs(args, kwargs):
+            encoded = self._serializer.encode(value)
+            argv += (_enc_key(key), _enc_value(encoded))
+            ops.append((key, encoded))
+        if ops:
+            self._write(ops, argv, b"p")
 
     def __delitem__(self, key: str) -> None:
         self._writable()
+        tx = self._joined()
+        if tx is not None:
+            del tx[key]
+            return
         if self._write([(key, None)], [_enc_key(key), b""], b"x") != 1:
             raise KeyError(key)
 
@@ -660,28 +752,51 @@ class RedisStore(StoreMapping):
     def transaction(self) -> Iterator[RedisTransaction]:
         """Hold the namespace's lock for the block; commit its writes as one atomic
         script on normal exit, none on an exception. Serializable across all clients:
-        every write of every client checks the lock."""
+        every write of every client checks the lock. Using ``tx`` after the block
+        raises ClosedError.
+
+        Opened inside an open block on the same thread, it is a savepoint: it sees the
+        outer block's writes, an exception discards only its own, and nothing commits
+        before the outermost block exits. Store calls made inside a block on its thread
+        (``store.put``, ``store.get``, ``store.incr``...) join it."""
         self._writable()
-        outer: bytes | None = getattr(self._local, "token", None)
-        token = outer or self._acquire()
+        outer = self._joined()
+        if outer is not None:
+            with savepoint(self, outer) as inner:
+                yield inner  # type: ignore[misc]
+            return
+        token = self._acquire()
         self._local.token = token
         done = False
         try:
             tx = RedisTransaction(self)
-            yield tx
-            if tx._args:
-                self._write(tx._ops, tx._args, b"t" if outer else b"r", token)
-                done = outer is None  # the script released the lock
-        finally:
-            if outer is None:
-                self._local.token = None
+            self._local.tx = tx
+            with self._held_mutex:
+                self._open_tx += 1
+            failed = True
+            try:
+                yield tx
+                failed = False
+            finally:
                 with self._held_mutex:
-                    self._held.pop(token, None)
-                if not done:
-                    try:
-                        self._lock_op(token, b"r")
-                    except redis.RedisError:
-                        pass  # it expires within lock_ttl
+                    self._open_tx -= 1
+                self._local.tx = None
+                tx._end(failed)
+            if tx._ops:
+                args: list[bytes] = []
+                for key, value in tx._ops:
+                    args += (_enc_key(key), b"" if value is None else _enc_value(value))
+                self._write(tx._ops, args, b"r", token)
+                done = True  # the script released the lock
+        finally:
+            self._local.token = None
+            with self._held_mutex:
+                self._held.pop(token, None)
+            if not done:
+                try:
+                    self._lock_op(token, b"r")
+                except redis.RedisError:
+                    pass  # it expires within lock_ttl
 
     def _acquire(self) -> bytes:
         """Take the lock (a random token with an expiry), retried until ``lock_timeout``;
@@ -732,17 +847,26 @@ class RedisStore(StoreMapping):
 
     def deserialize(self, file_path: str | os.PathLike[str]) -> None:
         """Replace the whole contents with the file's state: one transaction, so every
-        client sees all old or all new."""
+        client sees all old or all new. ValueError/TypeError (nothing written) when a
+        value does not suit this store (e.g. not JSON text for a JSON store)."""
         self._writable()
         items = snapshot.read(os.fspath(file_path))
+        for key, value in items.items():
+            _enc_key(key)
+            _enc_value(value)
+            if not self._serializer.identity:
+                if not isinstance(value, str):
+                    raise TypeError(f"{os.fspath(file_path)}: value of {key!r} is bytes, "
+                                    "not JSON text (this store's serializer is 'json')")
+                self._serializer.decode(value)  # ValueError when it is not JSON
         with self.transaction() as tx:
             current = self._server_items()
             for key in current:
                 if key not in items:
-                    tx._stage(key, None, b"")  # no round trip to ask if it exists
+                    tx._stage(key, None)  # no round trip to ask if it exists
             for key, value in items.items():
                 if current.get(key, MISSING) != value:
-                    tx.put(key, value)
+                    tx._stage(key, value)
 
     def compact(self, *, progress: Callable[[list[str]], Iterable[str]] | None = None
                 ) -> dict[str, int]:
@@ -812,7 +936,7 @@ class RedisStore(StoreMapping):
                 key = fields[b"k"].decode("utf-8")
                 if key.startswith(prefix):
                     raw = fields.get(b"v")
-                    value = None if raw is None else _dec_value(raw)
+                    value = None if raw is None else self._serializer.decode(_dec_value(raw))
                     yield Change(key, value, deleted=raw is None, position=_token(*now))
                     idle_since = time.monotonic()
             if not entries and left is not None and left <= 0:
@@ -833,7 +957,10 @@ class RedisStore(StoreMapping):
         return _reopen, (self.url, self._options)
 
     def __repr__(self) -> str:
-        return f"<mpkv.RedisStore {self.path!r}{' closed' if self.closed else ''}>"
+        if self.closed:
+            return f"<mpkv.RedisStore {self.path!r} closed>"
+        mode = " readonly" if self.readonly else ""
+        return f"<mpkv.RedisStore {self.path!r} {self.serializer}{mode}>"
 
 
 def _reopen(url: str, options: dict[str, Any]) -> RedisStore:
@@ -842,34 +969,21 @@ def _reopen(url: str, options: dict[str, Any]) -> RedisStore:
 
 class RedisTransaction(TransactionMapping):
     """The view of one ``transaction()`` block: the server's committed state (nobody
-    else can commit while the lock is held) plus the block's own buffered writes."""
+    else can commit while the lock is held) plus the block's own buffered writes.
+    A full mutable mapping; used by the block's thread only."""
 
-    def __init__(self, store: RedisStore) -> None:
-        self._store = store
-        self._ops: list[Op] = []
-        self._args: list[bytes] = []
-        self._writes: dict[str, Value | None] = {}
+    _store: RedisStore
 
-    def get(self, key: str, default: Any = None) -> Any:
-        if key in self._writes:
-            value = self._writes[key]
-            return default if value is None else value
+    def _committed(self, key: str) -> Any:
         store = self._store
         store._check()
         raw = store._hget(key)
-        return default if raw is None else _dec_value(raw)
+        return MISSING if raw is None else _dec_value(raw)
 
-    def _stage(self, key: str, value: Value | None, encoded: bytes) -> None:
-        """Buffer one write (``encoded`` is the tagged value, b"" for a delete)."""
-        self._args += (_enc_key(key), encoded)
-        self._ops.append((key, value))
-        self._writes[key] = value
+    def _committed_items(self) -> dict[str, Value]:
+        return self._store._server_items()
 
-    def put(self, key: str, value: Value) -> None:
-        self._stage(key, value, _enc_value(value))
-
-    def delete(self, key: str) -> bool:
+    def _check_op(self, key: str, encoded: Value | None) -> None:
         _enc_key(key)
-        existed = self.get(key, MISSING) is not MISSING
-        self._stage(key, None, b"")
-        return existed
+        if encoded is not None:
+            _enc_value(encoded)

@@ -253,7 +253,8 @@ def follows(prev: str, nxt: str) -> bool:
 class Meta:
     format: str
     max_segment_bytes: int
-    version: int = VERSION
+    serializer: str = "raw"  # stores created before the field existed are raw
+    version: int = VERSION  # of the store format (framing of binary records)
 
     @property
     def codec(self) -> Codec:
@@ -285,7 +286,10 @@ def read_meta(path: str) -> Meta | None:
     if (fmt not in ("binary", "text") or not isinstance(limit, int)
             or isinstance(limit, bool) or limit < 1):
         raise FormatError(f"{file}: bad format {fmt!r} or max_segment_bytes {limit!r}")
-    return Meta(fmt, limit, version)
+    serializer = raw.get("serializer", "raw")
+    if serializer not in ("raw", "json"):
+        raise FormatError(f"{file}: unknown serializer {serializer!r}")
+    return Meta(fmt, limit, serializer, version)
 
 
 _SNIFF_CAP = 1 << 20
@@ -367,7 +371,7 @@ def create_meta(path: str, meta: Meta) -> Meta:
     aux = os.path.join(path, AUX)
     make_dir(aux)
     body = {"magic": MAGIC, "version": meta.version, "format": meta.format,
-            "max_segment_bytes": meta.max_segment_bytes}
+            "max_segment_bytes": meta.max_segment_bytes, "serializer": meta.serializer}
     tmp = write_temp(aux, "meta.tmp.", (json.dumps(body) + "\n").encode("utf-8"))
     try:
         os.link(tmp, os.path.join(aux, META))

@@ -28,7 +28,7 @@ from .codec import Batch, Op, Value, apply
 from .errors import ClosedError, Error, FormatError, ReadOnlyError
 from .files import open_regular
 from .locks import WriterLock
-from .mapping import MISSING, StoreMapping, TransactionMapping
+from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint
 from .segments import (
     AUX,
     DEFAULT_MAX_SEGMENT_BYTES,
@@ -36,6 +36,7 @@ from .segments import (
     LOCK,
     META,
     SHM,
+    VERSION,
     Cursor,
     Limit,
     Meta,
@@ -54,6 +55,7 @@ from .segments import (
     write_intent,
     written_format,
 )
+from .serializer import serializer_for
 from .shm import SEQ, SharedState
 from .watch import LogWatcher, check_prefix, check_timeout, parse_position, unit_token
 
@@ -90,15 +92,25 @@ def _check_options(max_segment_bytes: int | None, format: str | None, fsync: str
 
 
 class Store(StoreMapping):
-    """A persistent str -> str/bytes mapping shared by every process that opens ``path``."""
+    """A persistent mapping of str keys shared by every process that opens ``path``:
+    str/bytes values (``serializer="raw"``) or any JSON value (``serializer="json"``).
+
+    Options (CONTRACT.md has the details): ``max_segment_bytes``, ``format``
+    (``"binary"``/``"text"``) and ``serializer`` (``"raw"``/``"json"``) are the store's
+    own, fixed at creation (``None``: what the store has); ``fsync`` (``"always"``,
+    ``"periodic"``, ``"never"``) and ``fsync_interval``: durability; ``max_staleness``:
+    how old a read may be (``None``: only ``refresh()``); ``readonly``; ``lock_timeout``
+    (seconds, for the writer lock); ``auto_compact``."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_segment_bytes: int | None = None,
-                 format: str | None = None, fsync: str | None = None,
-                 fsync_interval: float = 1.0, max_staleness: float | None = 0.0,
-                 readonly: bool = False, lock_timeout: float | None = None,
-                 auto_compact: bool = True) -> None:
+                 format: str | None = None, serializer: str | None = None,
+                 fsync: str | None = None, fsync_interval: float = 1.0,
+                 max_staleness: float | None = 0.0, readonly: bool = False,
+                 lock_timeout: float | None = None, auto_compact: bool = True) -> None:
         _check_options(max_segment_bytes, format, fsync, fsync_interval, max_staleness,
                        lock_timeout)
+        if serializer is not None:
+            serializer_for(serializer)  # ValueError for an unknown name, before any file
         self.path = os.fspath(path)
         self.fsync = fsync or "periodic"
         self.fsync_interval = float(fsync_interval)
@@ -106,14 +118,20 @@ class Store(StoreMapping):
         self.readonly = bool(readonly)
         self.lock_timeout = lock_timeout
         self.auto_compact = bool(auto_compact)
-        self._options = dict(max_segment_bytes=max_segment_bytes, format=format, fsync=fsync,
+        self._options = dict(max_segment_bytes=max_segment_bytes, format=format,
+                             serializer=serializer, fsync=fsync,
                              fsync_interval=fsync_interval, max_staleness=max_staleness,
                              readonly=readonly, lock_timeout=lock_timeout,
                              auto_compact=auto_compact)
-        self.meta = self._open_meta(max_segment_bytes, format)
+        self.meta = self._open_meta(max_segment_bytes, format, serializer)
         self.format = self.meta.format
         self.max_segment_bytes = self.meta.max_segment_bytes
         self._codec = self.meta.codec
+        self.serializer = self.meta.serializer
+        self._serializer = serializer_for(self.serializer)
+        # None for raw stores: the hot paths then skip encoding and decoding.
+        self._encode_value = None if self._serializer.identity else self._serializer.encode
+        self._decode_value = None if self._serializer.identity else self._serializer.decode
         # Watchers of this store, told when it closes; guarded by the tail mutex.
         self._watchers: weakref.WeakSet[LogWatcher] = weakref.WeakSet()
         self._epoch = 0
@@ -121,7 +139,8 @@ class Store(StoreMapping):
 
     # --- opening -------------------------------------------------------------------
 
-    def _open_meta(self, max_segment_bytes: int | None, format: str | None) -> Meta:
+    def _open_meta(self, max_segment_bytes: int | None, format: str | None,
+                   serializer: str | None) -> Meta:
         exists = check_store_dir(self.path)
         meta = read_meta(self.path) if exists else None
         if meta is None:
@@ -134,14 +153,18 @@ class Store(StoreMapping):
                 if not exists:
                     raise FormatError(f"{self.path}: no store here (readonly cannot create one)")
                 return Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES,
-                            *written[2:] if written else ())
+                            serializer or "raw", written[2] if written else VERSION)
             os.makedirs(self.path, exist_ok=True)
             meta = create_meta(self.path, Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES,
-                                               *written[2:] if written else ()))
+                                               serializer or "raw",
+                                               written[2] if written else VERSION))
         else:
             check_written(self.path, meta.format, os.path.join(self.path, AUX, META))
         if format is not None and format != meta.format:
             raise ValueError(f"{self.path}: the store's format is {meta.format!r}, not {format!r}")
+        if serializer is not None and serializer != meta.serializer:
+            raise ValueError(f"{self.path}: the store's serializer is {meta.serializer!r}, "
+                             f"not {serializer!r}")
         if max_segment_bytes is not None and max_segment_bytes != meta.max_segment_bytes:
             raise ValueError(f"{self.path}: the store's max_segment_bytes is "
                              f"{meta.max_segment_bytes}, not {max_segment_bytes}")
@@ -154,6 +177,8 @@ class Store(StoreMapping):
         self._tail_mutex = threading.Lock()  # guards the cursor and view updates
         self._sync_mutex = threading.Lock()  # guards fsync bookkeeping
         self._version = 0  # odd while a batch is being applied to the view
+        self._local = threading.local()  # .tx: the calling thread's open transaction
+        self._open_tx = 0  # open outermost transactions; guarded by _write_mutex
         self._wlock = None if self.readonly else WriterLock(os.path.join(aux, LOCK),
                                                             self.lock_timeout)
         self._shm = SharedState(os.path.join(aux, SHM), writable=not self.readonly)
@@ -314,7 +339,8 @@ class Store(StoreMapping):
             self._catch_up(self._reader_limit())
 
     def refresh(self) -> int:
-        """Apply what other processes wrote since the last refresh; return the count."""
+        """Apply what other processes wrote since the last refresh; return the number of
+        records applied."""
         self._check()
         with self._tail_mutex:
             return self._catch_up(self._reader_limit())[0]
@@ -327,19 +353,27 @@ class Store(StoreMapping):
     # never delay a writer.
 
     def get(self, key: str, default: Any = None) -> Any:
-        if self._epoch != _fork_epoch[0] or self._q[SEQ] != self._seen_seq or self._lazy:
+        """The value of ``key`` (a fresh object each call for JSON), or ``default``."""
+        if (self._epoch != _fork_epoch[0] or self._q[SEQ] != self._seen_seq or self._lazy
+                or self._open_tx):
+            tx = self._joined()
+            if tx is not None:
+                return tx.get(key, default)
             self._fresh()
         version = self._version
-        value = self._view.get(key, default)
-        if value is default and not isinstance(key, str):  # checked on misses only: free
-            raise TypeError(f"key must be str, not {type(key).__name__}")
-        if version == self._version and not version & 1:
-            return value
-        with self._tail_mutex:
-            return self._view.get(key, default)
+        value = self._view.get(key, MISSING)
+        if version != self._version or version & 1:
+            with self._tail_mutex:
+                value = self._view.get(key, MISSING)
+        if value is MISSING:
+            if not isinstance(key, str):  # checked on misses only: free
+                raise TypeError(f"key must be str, not {type(key).__name__}")
+            return default
+        return value if self._decode_value is None else self._decode_value(value)
 
     def __len__(self) -> int:
-        return self._consistent(len)
+        tx = self._joined()
+        return self._consistent(len) if tx is None else len(tx)
 
     def _copy(self) -> dict[str, Value]:
         """A point-in-time copy of the view: iteration never tears or raises."""
@@ -357,23 +391,38 @@ class Store(StoreMapping):
 
     # --- writes --------------------------------------------------------------------
 
-    def put(self, key: str, value: Value) -> None:
-        if self._epoch != _fork_epoch[0] or self.readonly:
+    def put(self, key: str, value: Any) -> None:
+        """Set ``key`` to ``value`` (one record). TypeError/ValueError, nothing written,
+        for a key or value the store's format and serializer cannot hold."""
+        if self._epoch != _fork_epoch[0] or self.readonly or self._open_tx:
             self._writable()
+            tx = self._joined()
+            if tx is not None:
+                tx.put(key, value)
+                return
+        if self._encode_value is not None:
+            value = self._encode_value(value)
         self._codec.check(key, value)
         self._commit([(key, value)], behind_ok=True)
 
-    def __setitem__(self, key: str, value: Value) -> None:
+    def __setitem__(self, key: str, value: Any) -> None:
         self.put(key, value)
 
     def delete(self, key: str) -> bool:
         """Remove ``key``; True when it existed. Logged even when it did not."""
         self._writable()
+        tx = self._joined()
+        if tx is not None:
+            return tx.delete(key)
         self._codec.check(key, None, delete=True)
         return self._commit([(key, None)], existed=key)
 
     def __delitem__(self, key: str) -> None:
         self._writable()
+        tx = self._joined()
+        if tx is not None:
+            del tx[key]
+            return
         self._codec.check(key, None, delete=True)
         if not self._commit([(key, None)], existed=key, only_if_exists=True):
             raise KeyError(key)
@@ -598,20 +647,42 @@ class Store(StoreMapping):
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        """Hold the writer lock for the block; commit its writes as one unit on normal
-        exit, none on an exception."""
+        """``with store.transaction() as tx:`` holds the writer lock for the block, with
+        the view caught up first; ``tx`` is a mapping over the latest committed state
+        plus the block's writes, which commit as one unit on normal exit and not at all
+        on an exception. Using ``tx`` after the block raises ClosedError.
+
+        Opened inside an open block on the same thread, it is a savepoint: it sees the
+        outer block's writes, an exception discards only its own, and nothing commits
+        before the outermost block exits. Store calls made inside a block on its thread
+        (``store.put``, ``store.get``, ``store.incr``...) join it."""
         self._writable()
+        outer = self._joined()
+        if outer is not None:
+            with savepoint(self, outer) as inner:
+                yield inner  # type: ignore[misc]
+            return
         with self._write_mutex:
             self._lock()
             try:
                 with self._tail_mutex:
                     self._sync_with_log()
                 tx = Transaction(self)
-                yield tx
+                self._local.tx = tx
+                self._open_tx += 1
+                failed = True
+                try:
+                    yield tx
+                    failed = False
+                finally:
+                    self._open_tx -= 1
+                    self._local.tx = None
+                    tx._end(failed)
                 if tx._ops:
-                    records = self._encode(tx._ops)
+                    ops: list[Op] = tx._ops
+                    records = self._encode(ops)
                     with self._tail_mutex:
-                        self._append(records, tx._ops)
+                        self._append(records, ops)
             finally:
                 self._unlock()
         if tx._ops:
@@ -620,22 +691,31 @@ class Store(StoreMapping):
     # --- whole-store operations --------------------------------------------------------
 
     def serialize(self, file_path: str | os.PathLike[str]) -> None:
-        """Write the current state to one file, atomically."""
+        """Write the current state (caught up) to one file, atomically: a reader of
+        ``file_path`` sees the old file or the whole new one. Values are stored encoded
+        (JSON text for a JSON store), as in the log (docs/format.md)."""
         snapshot.write(os.fspath(file_path), snapshot.encode(self._copy()))
 
     def deserialize(self, file_path: str | os.PathLike[str]) -> None:
-        """Replace the whole contents with the file's state, as one transaction."""
+        """Replace the whole contents with the file's state, as one transaction: every
+        process sees all old or all new. ValueError/TypeError (nothing written) when a
+        value does not suit this store (e.g. not JSON text for a JSON store)."""
         self._writable()
         items = snapshot.read(os.fspath(file_path))
         for key, value in items.items():
             self._codec.check(key, value)
+            if self._decode_value is not None:
+                if not isinstance(value, str):
+                    raise TypeError(f"{os.fspath(file_path)}: value of {key!r} is bytes, "
+                                    "not JSON text (this store's serializer is 'json')")
+                self._decode_value(value)  # ValueError when it is not JSON
         with self.transaction() as tx:
             for key in list(self._view):
                 if key not in items:
-                    tx.delete(key)
+                    tx._stage(key, None)
             for key, value in items.items():
                 if self._view.get(key, MISSING) != value:
-                    tx.put(key, value)
+                    tx._stage(key, value)
 
     def compact(self, *, progress: Callable[[list[str]], Iterable[str]] | None = None
                 ) -> dict[str, int]:
@@ -753,8 +833,10 @@ class Store(StoreMapping):
         return _reopen, (self.path, self._options)
 
     def __repr__(self) -> str:
-        state = "closed" if self._epoch == -1 else f"{self.format}"
-        return f"<mpkv.Store {self.path!r} {state}>"
+        if self._epoch == -1:
+            return f"<mpkv.Store {self.path!r} closed>"
+        mode = " readonly" if self.readonly else ""
+        return f"<mpkv.Store {self.path!r} {self.format} {self.serializer}{mode}>"
 
 
 def _reopen(path: str, options: dict[str, Any]) -> Store:
@@ -763,27 +845,18 @@ def _reopen(path: str, options: dict[str, Any]) -> Store:
 
 class Transaction(TransactionMapping):
     """The view of one ``transaction()`` block: the latest committed state plus the
-    block's own writes, which reach the log only when the block exits normally."""
+    block's own writes, which reach the log only when the outermost block exits
+    normally. A full mutable mapping (``get``, ``put``, ``delete``, ``incr``, ``pop``,
+    ``update``, iteration...). Used by the block's thread only, which holds the writer
+    lock: the view does not change under it."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._ops: list[Op] = []
-        self._writes: dict[str, Value | None] = {}
+    _store: Store
 
-    def get(self, key: str, default: Any = None) -> Any:
-        if key in self._writes:
-            value = self._writes[key]
-            return default if value is None else value
-        return self._store._view.get(key, default)
+    def _committed(self, key: str) -> Any:
+        return self._store._view.get(key, MISSING)
 
-    def put(self, key: str, value: Value) -> None:
-        self._store._codec.check(key, value)
-        self._ops.append((key, value))
-        self._writes[key] = value
+    def _committed_items(self) -> dict[str, Value]:
+        return dict(self._store._view)
 
-    def delete(self, key: str) -> bool:
-        self._store._codec.check(key, None, delete=True)
-        existed = self.get(key, MISSING) is not MISSING
-        self._ops.append((key, None))
-        self._writes[key] = None
-        return existed
+    def _check_op(self, key: str, encoded: Value | None) -> None:
+        self._store._codec.check(key, encoded, delete=encoded is None)

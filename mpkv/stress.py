@@ -17,7 +17,11 @@ different processes compare. Afterwards the checker verifies:
 (d) transactions are atomic across keys: once one key shows a transaction's (unique)
     value, no later read of its other keys returns a value the transaction overwrote
     (the final state included, so a killed transaction is all-or-nothing there);
-(e) the newest segment ends exactly at the published commit point after a last put.
+(e) the newest segment ends exactly at the published commit point after a last put;
+(f) watchers miss nothing: a watcher the supervisor opens before the workload, read only
+    after it, replays into the final state, its positions in strictly increasing order;
+    each worker process runs a slow watcher (it starts reading ``WATCH_LAG`` seconds
+    late, while compaction goes on) whose stream must be a gap-free run of that one.
 
 Operations in flight when their process was SIGKILLed may or may not have taken
 effect; the first write acknowledged after the kill decides (docs/protocol.md), so
@@ -33,6 +37,7 @@ import argparse
 import bisect
 import enum
 import glob
+import itertools
 import json
 import math
 import multiprocessing
@@ -67,6 +72,8 @@ STEPS_PER_OP = 300  # ... or this many per operation of the key, when more
 MAX_ERRORS = 20  # exceptions after which a worker thread gives up
 MIN_OPS_PER_THREAD = 20  # a run with fewer operations than this per thread proves nothing
 KILLS = "kills.log"  # in the history folder: one JSON line per SIGKILL, {"proc", "t"}
+WATCH_LAG = 10.0  # seconds a worker's watcher waits before reading (at most a third of a run)
+STREAM = ".stream"  # in the history folder: a watcher's changes, {"p", "k", "v"} lines
 
 
 # --- the history a worker thread records ---------------------------------------------
@@ -99,7 +106,7 @@ def perform(store: Store, op: str, keys: list[str], writes: list[Reg]) -> list[R
     if op == "get":
         return [store.get(keys[0])]
     if op == "put":
-        store.put(keys[0], writes[0])  # type: ignore[arg-type]
+        store.put(keys[0], writes[0])
         return []
     if op == "delete":
         return [store.delete(keys[0])]
@@ -197,6 +204,7 @@ class Config:
     dir: str = ""
     torn: bool = False  # after each kill, damage the bytes past the published end
     min_ops: int | None = None  # None: MIN_OPS_PER_THREAD per worker thread
+    watchers: bool = True  # a slow watcher in each worker process, checked by (f)
 
     @property
     def required_ops(self) -> int:
@@ -265,6 +273,9 @@ def worker(cfg: Config, proc: int, incarnation: int, deadline: int) -> None:
         threads = [threading.Thread(target=_thread_loop,
                                     args=(cfg, store, f"{name}t{t}", deadline))
                    for t in range(cfg.threads)]
+        if cfg.watchers:
+            threads.append(threading.Thread(target=_slow_watcher,
+                                            args=(cfg, store, f"{name}w", deadline)))
         for t in threads:
             t.start()
         for t in threads:
@@ -273,6 +284,70 @@ def worker(cfg: Config, proc: int, incarnation: int, deadline: int) -> None:
     except BaseException:
         _report_crash(cfg, name)
         raise
+
+
+def _slow_watcher(cfg: Config, store: Store, name: str, deadline: int) -> None:
+    """Watch from the start of this process, begin reading only ``WATCH_LAG`` seconds
+    later (compaction must keep what it has not read), then log every change."""
+    try:
+        changes = store.watch(timeout=2.0)
+        lag = min(WATCH_LAG, cfg.seconds / 3)
+        time.sleep(max(min(lag, (deadline - time.monotonic_ns()) / 1e9), 0))
+        with open(os.path.join(cfg.history, name + STREAM), "w", encoding="utf-8") as out:
+            for change in changes:
+                out.write(json.dumps({"p": change.position, "k": change.key,
+                                      "v": change.value}) + "\n")
+                if time.monotonic_ns() > deadline + 30 * 10**9:
+                    break  # writers stopped long ago; never outlive the supervisor's wait
+    except BaseException:
+        _report_crash(cfg, name)
+        raise
+
+
+def read_stream(path: str) -> list[tuple[str, str, Reg]]:
+    """A watcher's logged changes ``(position, key, value)``; a last line cut short by a
+    SIGKILL is left out."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            rec = json.loads(line)
+            out.append((rec["p"], rec["k"], rec["v"]))
+    return out
+
+
+def check_streams(full: list[tuple[str, str, Reg]], final: dict[str, Value],
+                  streams: dict[str, list[tuple[str, str, Reg]]]) -> list[str]:
+    """Check (f): ``full`` is every change of the run, ``streams`` what slow watchers
+    saw (each started at some point of it)."""
+    problems = []
+    positions = [p for p, _, _ in full]
+    if any(a >= b for a, b in itertools.pairwise(positions)):
+        problems.append("watch: positions of the full stream do not increase strictly")
+    state: dict[str, Value] = {}
+    for _, key, value in full:
+        if value is None:
+            state.pop(key, None)
+        else:
+            state[key] = value
+    if state != final:
+        diff = sorted(k for k in state.keys() | final.keys() if state.get(k) != final.get(k))
+        problems.append(f"watch: replaying the full stream differs from the final state on "
+                        f"keys {diff[:5]}")
+    index = {p: n for n, p in enumerate(positions)}
+    for name, stream in sorted(streams.items()):
+        if not stream:
+            continue
+        first = index.get(stream[0][0])
+        if first is None:
+            problems.append(f"watch {name}: position {stream[0][0]} is not in the log")
+        elif full[first:first + len(stream)] != stream:
+            at = next((n for n, (a, b) in enumerate(zip(full[first:], stream, strict=False))
+                       if a != b), min(len(full) - first, len(stream)))
+            problems.append(f"watch {name}: after {at} changes its stream departs from the "
+                            f"log (skip, duplicate or reorder) at {stream[at:at + 1]}")
+    return problems
 
 
 def compactor(cfg: Config, incarnation: int, deadline: int) -> None:
@@ -841,6 +916,7 @@ def run(cfg: Config) -> tuple[Verdict, dict[str, int]]:
     rng = random.Random(cfg.seed)
     problems: list[str] = []
     with cfg.open() as tailing:
+        full = tailing.watch(since=tailing.position(), timeout=30) if cfg.watchers else None
         sup = Supervisor(cfg, time.monotonic_ns() + int(cfg.seconds * 1e9))
         for p in range(cfg.processes):
             sup.start(f"p{p}")
@@ -858,11 +934,32 @@ def run(cfg: Config) -> tuple[Verdict, dict[str, int]]:
                 sup.kill_one(rng)
         problems += sup.join(time.monotonic() + 60) + _crashes(cfg)
         verdict = check_run(cfg, tailing, problems)
+        if full is not None:
+            verdict.errors += _check_watchers(cfg, full)
     compactions = 0
     for file in glob.glob(os.path.join(cfg.history, "compactor*.log")):
         with open(file, encoding="utf-8") as f:
             compactions += sum(1 for _ in f)
     return verdict, {"kills": sup.kills, "compactions": compactions, "tears": sup.tears}
+
+
+def _check_watchers(cfg: Config, full: Any) -> list[str]:
+    """Read the supervisor's watcher (to the end marker check_run wrote) and check (f)."""
+    changes: list[tuple[str, str, Reg]] = []
+    try:
+        for change in full:
+            if change.key == END_KEY:
+                break
+            changes.append((change.position, change.key, change.value))
+        else:
+            return ["watch: the supervisor's watcher ended before the end marker"]
+        with cfg.open() as fresh:
+            final = {k: v for k, v in fresh.items() if k != END_KEY}
+    except Exception as exc:
+        return [_failed("the supervisor's watcher", exc)]
+    streams = {os.path.basename(f)[:-len(STREAM)]: read_stream(f)
+               for f in glob.glob(os.path.join(cfg.history, "*" + STREAM))}
+    return check_streams(changes, final, streams)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -22,10 +22,10 @@ from mpkv.errors import CorruptionError
 #
 # ``crash_points(case)`` runs ``case.op`` in a forked child that counts its file-system
 # calls and SIGKILLs itself at the k-th one, for k = 1, 2, ... until the operation
-# finishes first. A write is three points: before it, after writing half its bytes,
-# and after writing all of them. After each crash, fresh processes check what a user
-# would see (``check_after_crash``). Children are forked, not spawned: mpkv is already
-# imported, so a child costs a few milliseconds.
+# finishes first. A write is three points: before it, after writing half its bytes
+# (or at more places: ``CrashCase.cuts``), and after writing all of them. After each
+# crash, fresh processes check what a user would see (``check_after_crash``). Children
+# are forked, not spawned: mpkv is already imported, so a child costs a few milliseconds.
 
 #: what a process sees of a store: ``(format, items)``, ``None`` for "no store here",
 #: or ``("error", exception class name)`` when opening it raised
@@ -39,11 +39,20 @@ _real_open = builtins.open
 
 class CrashInjector:
     """Counts file-system calls; at call number ``kill_at`` the process SIGKILLs itself
-    (``kill_at`` 0: never). ``calls`` is the number of points passed so far."""
+    (``kill_at`` 0: never). ``calls`` is the number of points passed so far. A write is
+    also cut short at ``cuts`` places evenly spread over its bytes (one: half of it)."""
 
-    def __init__(self, kill_at: int) -> None:
+    def __init__(self, kill_at: int, cuts: int = 1) -> None:
         self.kill_at = kill_at
+        self.cuts = cuts
         self.calls = 0
+
+    def cut(self, n: int) -> int | None:
+        """Where to cut a write of ``n`` bytes short, if this is the fatal point."""
+        for pos in sorted({n * i // (self.cuts + 1) for i in range(1, self.cuts + 1)} - {0, n}):
+            if self.reached():
+                return pos
+        return None
 
     def reached(self) -> bool:
         """Pass one point; True when it is the fatal one (the caller then dies)."""
@@ -69,8 +78,9 @@ class CrashInjector:
 
         def write(fd: int, data: bytes) -> int:
             self.point()
-            if len(data) > 1 and self.reached():
-                _real["write"](fd, bytes(data[: len(data) // 2]))
+            cut = self.cut(len(data))
+            if cut is not None:
+                _real["write"](fd, bytes(data[:cut]))
                 die()
             n: int = _real["write"](fd, data)
             self.point()
@@ -78,8 +88,9 @@ class CrashInjector:
 
         def pwrite(fd: int, data: bytes, offset: int) -> int:
             self.point()
-            if len(data) > 1 and self.reached():
-                _real["pwrite"](fd, bytes(data[: len(data) // 2]), offset)
+            cut = self.cut(len(data))
+            if cut is not None:
+                _real["pwrite"](fd, bytes(data[:cut]), offset)
                 die()
             n: int = _real["pwrite"](fd, data, offset)
             self.point()
@@ -112,10 +123,11 @@ class _CountedFile:
     def write(self, data: Any) -> int:
         inj = self._inj
         inj.point()
-        if len(data) > 1 and inj.reached():
-            raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        cut = inj.cut(len(raw))
+        if cut is not None:
             self._f.flush()
-            _real["write"](self._f.fileno(), raw[: len(raw) // 2])
+            _real["write"](self._f.fileno(), raw[:cut])
             die()
         n: int = self._f.write(data)
         if inj.reached():
@@ -167,10 +179,10 @@ def in_child(fn: Callable[[], Any]) -> tuple[str, Any]:
 
 
 def _arm_and_run(op: Callable[[str, Callable[[], None]], None], path: str,
-                 kill_at: int) -> int:
+                 kill_at: int, cuts: int) -> int:
     """In the child: run the op, arming the injector where the op says; the number of
     points passed."""
-    inj = CrashInjector(kill_at)
+    inj = CrashInjector(kill_at, cuts)
     op(path, inj.install)
     return inj.calls
 
@@ -202,6 +214,8 @@ class CrashCase:
     op: Callable[[str, Callable[[], None]], None]
     fix: Callable[[str], Any] | None = None
     min_points: int = 5
+    cuts: int = 1  # places where each write is cut short
+    reboot: bool = False  # the shared state is lost with the crash, as after a reboot
 
 
 PROBE = "~crash-probe"
@@ -294,7 +308,7 @@ def crash_points(case: CrashCase, workdir: str) -> tuple[int, list[str]]:
     assert before[0] == "ok", before[1]
     dry = os.path.join(workdir, "dry")
     _copy(base, dry)
-    res = in_child(lambda: _arm_and_run(case.op, dry, 0))
+    res = in_child(lambda: _arm_and_run(case.op, dry, 0, case.cuts))
     assert res[0] == "ok", f"{case.name} without a crash: {res[1]}"
     total = res[1]
     after = in_child(lambda: observe(dry, readonly=True))
@@ -305,10 +319,12 @@ def crash_points(case: CrashCase, workdir: str) -> tuple[int, list[str]]:
     for k in range(1, total + 1):
         work = os.path.join(workdir, f"k{k}")
         _copy(base, work)
-        res = in_child(lambda k=k, w=work: _arm_and_run(case.op, w, k))  # type: ignore[misc]
+        res = in_child(lambda k=k, w=work: _arm_and_run(case.op, w, k, case.cuts))  # type: ignore[misc]
         if res != ("killed", signal.SIGKILL):
             problems.append(f"{case.name} k={k}: the op did not die there: {res!r}")
             continue
+        if case.reboot and os.path.exists(os.path.join(work, ".mpkv", "shm")):
+            os.unlink(os.path.join(work, ".mpkv", "shm"))
         found = check_after_crash(work, before[1], after[1], case.fix)
         problems += [f"{case.name} k={k}/{total}: {p}" for p in found]
         shutil.rmtree(work, ignore_errors=True)

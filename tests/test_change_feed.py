@@ -418,3 +418,25 @@ def test_consumer_storing_its_position_with_its_output_processes_exactly_once(
         assert s["consumer:seen"] == "100"
         assert {k: v for k, v in s.items() if k.startswith("out:")} == {
             f"out:job:{i:03d}": str(2 * i) for i in range(100)}
+
+
+# --- mpkv stress checks watcher streams against the log ------------------------------------
+
+
+def test_stress_stream_check_catches_skips_duplicates_and_a_wrong_replay() -> None:
+    from mpkv.stress import check_streams
+
+    full = [(f"{i:04d}", f"k{i % 3}", None if i % 4 == 3 else str(i)) for i in range(12)]
+    final: dict = {}
+    for _, k, v in full:
+        if v is None:
+            final.pop(k, None)
+        else:
+            final[k] = v
+    assert check_streams(full, final, {"w": full[4:9], "x": full[:1], "y": []}) == []
+    skipped = full[4:6] + full[7:9]
+    doubled = full[4:7] + full[6:9]
+    problems = check_streams(full, final, {"skip": skipped, "dup": doubled})
+    assert len(problems) == 2 and all("departs" in p for p in problems)
+    assert any("differs" in p for p in check_streams(full[:-1], final, {}))
+    assert any("increase" in p for p in check_streams(full[::-1], final, {}))

@@ -90,3 +90,95 @@ def test_block_extraction() -> None:
         "```",
     ])
     assert python_blocks(text) == [(3, "a = 1\n"), (9, "b = 2\n"), (12, "```nested\n")]
+
+
+# --- shell transcripts: every command's output follows from the commands before it ---------
+
+TRANSCRIPT = "<!-- transcript -->"
+
+
+def transcripts(text: str) -> list[tuple[int, list[tuple[str, list[str]]]]]:
+    """``(line number, [(command, expected output lines)])`` of every console block
+    marked by a ``<!-- transcript -->`` line just before it."""
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if line.strip() != TRANSCRIPT:
+            continue
+        j = i + 1
+        while not lines[j].strip():
+            j += 1
+        assert lines[j].startswith("```"), f"line {j + 1}: {TRANSCRIPT} must precede a block"
+        steps: list[tuple[str, list[str]]] = []
+        j += 1
+        while not lines[j].startswith("```"):
+            if lines[j].startswith("$ "):
+                steps.append((lines[j][2:], []))
+            else:
+                assert steps, f"line {j + 1}: output before any command"
+                steps[-1][1].append(lines[j])
+            j += 1
+        out.append((i + 2, steps))
+    return out
+
+
+def matches(expected: str, got: str) -> bool:
+    """``...`` in an expected line stands for any text."""
+    pattern = ".*".join(re.escape(part) for part in expected.split("..."))
+    return re.fullmatch(pattern, got) is not None
+
+
+DOCS_WITH_TRANSCRIPTS = [doc for doc in documents() if TRANSCRIPT in doc.read_text("utf-8")]
+
+
+@pytest.mark.parametrize("doc", DOCS_WITH_TRANSCRIPTS, ids=lambda d: d.relative_to(REPO).as_posix())
+def test_shell_transcripts_run_as_shown(doc: Path, tmp_path: Path) -> None:
+    """The document's transcripts run one after the other in a scratch directory (its
+    ``/tmp/`` paths moved there) and print what the document shows."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHON": sys.executable}
+    prelude = 'mpkv() { "$PYTHON" -m mpkv "$@"; }\n'
+    for line, steps in transcripts(doc.read_text(encoding="utf-8")):
+        for command, expected in steps:
+            command = command.replace("/tmp/", f"{tmp_path}/")
+            expected = [e.replace("/tmp/", f"{tmp_path}/") for e in expected]
+            r = subprocess.run(["bash", "-c", prelude + command], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               stdin=subprocess.DEVNULL, timeout=120)
+            got = r.stdout.splitlines()
+            assert len(got) == len(expected) and all(
+                matches(e, g) for e, g in zip(expected, got, strict=True)), (
+                f"{doc.name}, transcript at line {line}: `{command}`\n"
+                f"expected: {expected}\ngot:      {got}")
+
+
+def test_transcript_parsing() -> None:
+    text = "\n".join(["x", TRANSCRIPT, "", "```console", "$ echo hi", "hi", "$ true", "```"])
+    assert transcripts(text) == [(3, [("echo hi", ["hi"]), ("true", [])])]
+    assert matches("bytes: ...", "bytes: 120") and not matches("bytes: ...", "live: 1")
+
+
+# --- the README's two setup commands -------------------------------------------------------
+
+
+def readme_commands() -> list[str]:
+    """The one-line commands of the README's quick start, in order."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```\n(.+)\n```$", section, flags=re.M)
+
+
+def test_readme_sets_up_with_two_commands_and_ci_runs_the_same_tests() -> None:
+    demo, suite = readme_commands()
+    assert "pip install" in demo and demo.endswith("mpkv demo")
+    assert "pip install" in suite and "pytest" in suite
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
+    assert ci[-1] == suite, "the README's test command must be exactly what .ci/run runs"
+
+
+def test_docs_do_not_promise_an_unpublished_package() -> None:
+    """mpkv is not on PyPI: install commands name the checkout ('.'), never 'mpkv'."""
+    offenders = [f"{doc.name}: {line.strip()}" for doc in documents()
+                 for line in doc.read_text(encoding="utf-8").splitlines()
+                 if re.search(r"pip install [^.\n]*\bmpkv\b", line)]
+    assert not offenders, offenders

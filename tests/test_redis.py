@@ -268,20 +268,22 @@ def test_transaction_view(opener: Opener) -> None:
 
 def test_put_inside_transaction_does_not_deadlock(opener: Opener) -> None:
     s = opener(lock_timeout=5)
+    other = opener()
     with s.transaction() as tx:
         tx["a"] = "tx"
-        s.put("b", "direct")  # commits at once, on its own
-        assert tx["b"] == "direct"
-    assert s["a"] == "tx" and s["b"] == "direct"
+        s.put("b", "direct")  # joins the transaction
+        assert tx["b"] == "direct" and s["b"] == "direct"
+        assert other.get("b") is None
+    assert s["a"] == "tx" and s["b"] == "direct" and other["b"] == "direct"
 
 
-def test_nested_transaction_commits_at_its_own_exit(opener: Opener) -> None:
+def test_nested_transaction_commits_with_the_outermost_block(opener: Opener) -> None:
     s, other = opener(), opener()
     with s.transaction() as outer:
         outer["a"] = "1"
         with s.transaction() as inner:
             inner["b"] = "2"
-        assert other.get("b") == "2" and other.get("a") is None
+        assert other.get("b") is None and other.get("a") is None
         assert outer["b"] == "2"
     assert (other["a"], other["b"]) == ("1", "2")
 
@@ -502,7 +504,7 @@ def test_open_dispatches_urls_and_keeps_namespaces_apart(server: Server,
     a["k"], b["k"] = "a", "b"
     assert (a["k"], b["k"]) == ("a", "b") and len(a) == len(b) == 1
     keys = sorted(server.admin().keys(f"mpkv:{{{ns1}}}:*"))
-    assert keys == [f"mpkv:{{{ns1}}}:{n}".encode() for n in ("data", "log", "seq")]
+    assert keys == [f"mpkv:{{{ns1}}}:{n}".encode() for n in ("data", "log", "meta", "seq")]
     assert server.admin().type(f"mpkv:{{{ns1}}}:data") == b"hash"
     default = mpkv.open(f"redis://{HOST}:{server.port}")
     closing.append(default)
