@@ -120,6 +120,8 @@ SYNC = b"\x9d\xe3\x1f"
 HEADER_V2 = struct.Struct("<IIB3sI")
 ENTRY = struct.Struct("<BII")  # op, key length, value length
 _SINGLE = struct.Struct("<IBBII")  # length and type, then the one entry's header (framing 1)
+_LTS = struct.Struct("<IB3s")  # framing 2: length, type, sync (what hcrc covers)
+_HCRC_ENTRY = struct.Struct("<IBII")  # framing 2: hcrc, then the one entry's header
 #: A resync scan checks the checksums of candidate records over at most this many bytes
 #: plus twice the data's size: linear in the data, whatever it holds.
 _RESYNC_SLACK = 1 << 20
@@ -162,10 +164,9 @@ class BinaryCodec(Codec):
 
     def _head(self, length: int, rtype: int) -> bytes:
         """Bytes 4 to the end of a header (what the record's CRC covers first)."""
-        lt = struct.pack("<IB", length, rtype)
         if self.framing == 1:
-            return lt
-        lts = lt + SYNC
+            return struct.pack("<IB", length, rtype)
+        lts = _LTS.pack(length, rtype, SYNC)
         return lts + struct.pack("<I", zlib.crc32(lts))
 
     def _head_ok(self, buf: bytes, pos: int) -> bool:
@@ -180,8 +181,9 @@ class BinaryCodec(Codec):
                 body = _SINGLE.pack(ENTRY.size + len(k) + len(v), RECORD_OPS, OP_PUT_STR,
                                     len(k), len(v)) + k + v
             else:
-                body = (self._head(ENTRY.size + len(k) + len(v), RECORD_OPS)
-                        + ENTRY.pack(OP_PUT_STR, len(k), len(v)) + k + v)
+                lts = _LTS.pack(ENTRY.size + len(k) + len(v), RECORD_OPS, SYNC)
+                body = b"".join((lts, _HCRC_ENTRY.pack(zlib.crc32(lts), OP_PUT_STR, len(k),
+                                                        len(v)), k, v))
             record = struct.pack("<I", zlib.crc32(body)) + body
             return [(record, len(record))]
         chunks: list[list[bytes]] = [[]]
