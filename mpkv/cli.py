@@ -528,7 +528,7 @@ def parser() -> argparse.ArgumentParser:
                            epilog=f"example:\n  {example}")
         c.set_defaults(func=func)
         for arg, arg_help in positionals:
-            c.add_argument(arg, help=arg_help)
+            c.add_argument(arg, metavar=arg.upper(), help=arg_help)
         return c
 
     path, new_path = ("path", PATH_HELP), ("path", NEW_PATH_HELP)
@@ -580,7 +580,7 @@ def parser() -> argparse.ArgumentParser:
                    help="stop after T idle seconds")
     c = add("demo", "worker processes count words into a store they share; result checked",
             cmd_demo, "mpkv demo /tmp/demo && mpkv stats /tmp/demo/run-1")
-    c.add_argument("dir", nargs="?", default=None,
+    c.add_argument("dir", nargs="?", default=None, metavar="DIR",
                    help="an empty or missing directory to work in; each run creates a "
                    "new store in DIR/run-N (default: a new temporary directory)")
     # Listed for --help; main() hands their arguments to them directly.
