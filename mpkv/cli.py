@@ -177,7 +177,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    with _open(args, create=True, format=args.format) as store:
+    with _open(args, create=True, format=args.format, serializer=args.serializer) as store:
         store.put(args.key, args.value)
     return 0
 
@@ -293,7 +293,8 @@ def cmd_load(args: argparse.Namespace) -> int:
             if bad is not None and args.atomic:
                 raise bad
             if store is None and chunk:  # opened once there is something to store
-                store = _open(args, create=True, format=args.format)
+                store = _open(args, create=True, format=args.format,
+                              serializer=args.serializer)
             if chunk:
                 assert store is not None
                 try:
@@ -312,14 +313,15 @@ def cmd_load(args: argparse.Namespace) -> int:
     except BadLine as bad:
         if args.atomic:
             raise CommandError(f"{bad}; nothing was loaded (--atomic)") from None
-        raise CommandError(f"{bad}; the {committed} records before it were committed "
-                           f"(through line {last}); resume with `tail -n +{bad.number} FILE`"
+        done = (f"the {committed} records before it were committed (through line {last})"
+                if committed else "nothing was committed")
+        raise CommandError(f"{bad}; {done}; resume with `tail -n +{bad.number} FILE`"
                            ) from None
     finally:
         if store is not None:
             store.close()
     if store is None:  # empty input: still the (empty) store the user asked for
-        _open(args, create=True, format=args.format).close()
+        _open(args, create=True, format=args.format, serializer=args.serializer).close()
     print(f"loaded {committed} records", file=sys.stderr)
     return 0
 
@@ -496,6 +498,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
+def _new_store_options(c: argparse.ArgumentParser) -> None:
+    """Options a store is created with (an existing store keeps its own; a conflicting
+    value is an error)."""
+    c.add_argument("--format", choices=["binary", "text"], help="format of a new store")
+    c.add_argument("--serializer", choices=["raw", "json"],
+                   help="values of a new store: raw (text and bytes, the default) or json "
+                   "(any JSON value; put stores VALUE as a JSON string)")
+
+
 PATH_HELP = "the store directory (or a redis://host:port/db?namespace=NAME URL)"
 NEW_PATH_HELP = PATH_HELP + "; created when missing"
 
@@ -526,7 +537,7 @@ def parser() -> argparse.ArgumentParser:
         "mpkv get /tmp/s greeting", path, key)
     c = add("put", "set KEY to VALUE (creates the store when missing)", cmd_put,
             "mpkv put /tmp/s greeting hello", new_path, key, ("value", "the value (text)"))
-    c.add_argument("--format", choices=["binary", "text"], help="format of a new store")
+    _new_store_options(c)
     add("delete", "delete KEY (logged even when missing)", cmd_delete,
         "mpkv delete /tmp/s greeting", path, key)
     c = add("list", "print the keys, sorted, one a line (on a terminal, control "
@@ -541,7 +552,7 @@ def parser() -> argparse.ArgumentParser:
     c = add("load", f"read dump's JSON lines from stdin, {LOAD_CHUNK} per transaction; a "
             "bad line stops the load after committing the lines before it",
             cmd_load, "mpkv load /tmp/copy < backup.jsonl", new_path)
-    c.add_argument("--format", choices=["binary", "text"], help="format of a new store")
+    _new_store_options(c)
     c.add_argument("--atomic", action="store_true",
                    help="load everything as one transaction: all lines or none")
     add("stats", "segments, records, live keys, bytes, garbage ratio", cmd_stats,

@@ -880,3 +880,25 @@ def test_interrupt_prints_one_line_and_exits_130(store: Path) -> None:
     code = proc.wait(timeout=30)
     assert code == 130 and "Traceback" not in err and len(err.splitlines()) == 1, (code, err)
     proc.stdin.close()
+
+
+# --- JSON stores from the command line ----------------------------------------------------
+
+
+def test_json_store_through_load_get_and_dump(tmp_path: Path) -> None:
+    records = [{"key": "cfg", "value": {"name": "ada", "tags": [1, 2]}},
+               {"key": "n", "value": 3}, {"key": "nothing", "value": None},
+               {"key": "text", "value": "plain"}]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    store = tmp_path / "j"
+    r = fails(1, "load", tmp_path / "raw", input=lines)  # a raw store takes no objects
+    assert "line 1" in r.stderr and "serializer" in r.stderr
+    ok("load", store, "--serializer", "json", input=lines)
+    assert json.loads(ok("get", store, "cfg").stdout) == {"name": "ada", "tags": [1, 2]}
+    assert ok("get", store, "nothing").stdout == "null\n"  # a stored null is not a missing key
+    assert ok("get", store, "text").stdout == "plain\n"
+    fails(1, "get", store, "missing")
+    assert dump_lines(ok("dump", store).stdout) == records
+    fails(1, "put", store, "k", "v", "--serializer", "raw")  # conflicts with the store
+    with mpkv.Store(store) as s:
+        assert s["n"] == 3 and s.serializer == "json"
