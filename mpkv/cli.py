@@ -111,17 +111,19 @@ def _is_redis(path: str) -> bool:
 
 def _holds_store(path: str) -> bool:
     """True when ``path`` is an existing store; raises FormatError when it is something
-    else that exists (a file, a directory of other things); False when it is missing or
-    an empty directory. Looks only: nothing is created."""
+    else that exists (a file, a directory of other things); False when it is missing,
+    an empty directory, or one with ``.mpkv/`` but no metadata (yet: a store being
+    created). Looks only: nothing is created."""
     if _is_redis(path) or os.path.isfile(os.path.join(path, AUX, META)):
         return True
     if not os.path.lexists(path):
         return False
     if not os.path.isdir(path):
         raise FormatError(f"{path}: not a directory (an mpkv store is a directory)")
-    if os.listdir(path):
+    entries = os.listdir(path)
+    if entries and AUX not in entries:
         raise FormatError(f"{path}: a directory that is not an mpkv store (no {AUX}/{META})")
-    return False
+    return False  # empty, or a store whose creator has not written its metadata yet
 
 
 def _require_store(path: str) -> None:
@@ -528,7 +530,7 @@ def parser() -> argparse.ArgumentParser:
                            epilog=f"example:\n  {example}")
         c.set_defaults(func=func)
         for arg, arg_help in positionals:
-            c.add_argument(arg, help=arg_help)
+            c.add_argument(arg, metavar=arg.upper(), help=arg_help)
         return c
 
     path, new_path = ("path", PATH_HELP), ("path", NEW_PATH_HELP)
@@ -580,7 +582,7 @@ def parser() -> argparse.ArgumentParser:
                    help="stop after T idle seconds")
     c = add("demo", "worker processes count words into a store they share; result checked",
             cmd_demo, "mpkv demo /tmp/demo && mpkv stats /tmp/demo/run-1")
-    c.add_argument("dir", nargs="?", default=None,
+    c.add_argument("dir", nargs="?", default=None, metavar="DIR",
                    help="an empty or missing directory to work in; each run creates a "
                    "new store in DIR/run-N (default: a new temporary directory)")
     # Listed for --help; main() hands their arguments to them directly.

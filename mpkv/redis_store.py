@@ -837,7 +837,8 @@ class RedisStore(StoreMapping):
     # --- whole-namespace operations -------------------------------------------------
 
     def serialize(self, file_path: str | os.PathLike[str]) -> None:
-        """Write the current state (one atomic HGETALL) to one file, atomically."""
+        """Write the current state (one atomic HGETALL) to one file, atomically (a link
+        at ``file_path`` is followed, as ``Store.serialize`` does)."""
         snapshot.write(os.fspath(file_path), snapshot.encode(self._server_items()))
 
     def _server_items(self) -> dict[str, Value]:

@@ -440,7 +440,7 @@ def test_repair_cuts_an_unfinished_text_transaction_into_quarantine(tmp_path):
         s["b"] = "2"
     seg = os.path.join(p, segs(p)[-1])
     end = os.path.getsize(seg)
-    Path(p, ".mpkv", "txn").write_text(f"1 {end}\n")
+    Path(p, ".mpkv", "txn").write_text(f"1 {end} 21\n")  # start and length (format.md)
     with open(seg, "a") as f:  # a commit of three lines died after two
         f.write("P|t1|x\nP|t2|y\n")
     assert mpkv.verify(p).ok  # an unfinished commit is a torn tail, not damage
@@ -463,3 +463,15 @@ def test_repair_moves_aside_an_intent_that_cannot_apply_and_cuts_nothing(tmp_pat
     assert files_of(p) == before
     assert not os.path.exists(os.path.join(p, ".mpkv", "txn"))
     assert content.encode() in quarantined(p).values()
+
+
+@pytest.mark.parametrize("entry", ["README", "notes-1", "12x-3", "99999999999999999999999-1"])
+def test_stray_entries_in_readers_are_ignored_by_compaction(tmp_path, entry):
+    p = make_store(tmp_path / "s", n=50)
+    folder = Path(p, ".mpkv", "readers")
+    folder.mkdir(exist_ok=True)
+    (folder / entry).write_text("not a number")
+    with mpkv.Store(p) as s:
+        assert s.compact()["segments_before"] > 0
+        assert len(s) == 50
+    assert (folder / entry).read_text() == "not a number"
