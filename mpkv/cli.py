@@ -111,17 +111,19 @@ def _is_redis(path: str) -> bool:
 
 def _holds_store(path: str) -> bool:
     """True when ``path`` is an existing store; raises FormatError when it is something
-    else that exists (a file, a directory of other things); False when it is missing or
-    an empty directory. Looks only: nothing is created."""
+    else that exists (a file, a directory of other things); False when it is missing,
+    an empty directory, or one with ``.mpkv/`` but no metadata (yet: a store being
+    created). Looks only: nothing is created."""
     if _is_redis(path) or os.path.isfile(os.path.join(path, AUX, META)):
         return True
     if not os.path.lexists(path):
         return False
     if not os.path.isdir(path):
         raise FormatError(f"{path}: not a directory (an mpkv store is a directory)")
-    if os.listdir(path):
+    entries = os.listdir(path)
+    if entries and AUX not in entries:
         raise FormatError(f"{path}: a directory that is not an mpkv store (no {AUX}/{META})")
-    return False
+    return False  # empty, or a store whose creator has not written its metadata yet
 
 
 def _require_store(path: str) -> None:
@@ -177,7 +179,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    with _open(args, create=True, format=args.format) as store:
+    with _open(args, create=True, format=args.format, serializer=args.serializer) as store:
         store.put(args.key, args.value)
     return 0
 
@@ -293,7 +295,8 @@ def cmd_load(args: argparse.Namespace) -> int:
             if bad is not None and args.atomic:
                 raise bad
             if store is None and chunk:  # opened once there is something to store
-                store = _open(args, create=True, format=args.format)
+                store = _open(args, create=True, format=args.format,
+                              serializer=args.serializer)
             if chunk:
                 assert store is not None
                 try:
@@ -312,14 +315,15 @@ def cmd_load(args: argparse.Namespace) -> int:
     except BadLine as bad:
         if args.atomic:
             raise CommandError(f"{bad}; nothing was loaded (--atomic)") from None
-        raise CommandError(f"{bad}; the {committed} records before it were committed "
-                           f"(through line {last}); resume with `tail -n +{bad.number} FILE`"
+        done = (f"the {committed} records before it were committed (through line {last})"
+                if committed else "nothing was committed")
+        raise CommandError(f"{bad}; {done}; resume with `tail -n +{bad.number} FILE`"
                            ) from None
     finally:
         if store is not None:
             store.close()
     if store is None:  # empty input: still the (empty) store the user asked for
-        _open(args, create=True, format=args.format).close()
+        _open(args, create=True, format=args.format, serializer=args.serializer).close()
     print(f"loaded {committed} records", file=sys.stderr)
     return 0
 
@@ -507,6 +511,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
+def _new_store_options(c: argparse.ArgumentParser) -> None:
+    """Options a store is created with (an existing store keeps its own; a conflicting
+    value is an error)."""
+    c.add_argument("--format", choices=["binary", "text"], help="format of a new store")
+    c.add_argument("--serializer", choices=["raw", "json"],
+                   help="values of a new store: raw (text and bytes, the default) or json "
+                   "(any JSON value; put stores VALUE as a JSON string)")
+
+
 PATH_HELP = "the store directory (or a redis://host:port/db?namespace=NAME URL)"
 NEW_PATH_HELP = PATH_HELP + "; created when missing"
 
@@ -528,7 +541,7 @@ def parser() -> argparse.ArgumentParser:
                            epilog=f"example:\n  {example}")
         c.set_defaults(func=func)
         for arg, arg_help in positionals:
-            c.add_argument(arg, help=arg_help)
+            c.add_argument(arg, metavar=arg.upper(), help=arg_help)
         return c
 
     path, new_path = ("path", PATH_HELP), ("path", NEW_PATH_HELP)
@@ -537,7 +550,7 @@ def parser() -> argparse.ArgumentParser:
         "mpkv get /tmp/s greeting", path, key)
     c = add("put", "set KEY to VALUE (creates the store when missing)", cmd_put,
             "mpkv put /tmp/s greeting hello", new_path, key, ("value", "the value (text)"))
-    c.add_argument("--format", choices=["binary", "text"], help="format of a new store")
+    _new_store_options(c)
     add("delete", "delete KEY (logged even when missing)", cmd_delete,
         "mpkv delete /tmp/s greeting", path, key)
     c = add("list", "print the keys, sorted, one a line (on a terminal, control "
@@ -552,7 +565,7 @@ def parser() -> argparse.ArgumentParser:
     c = add("load", f"read dump's JSON lines from stdin, {LOAD_CHUNK} per transaction; a "
             "bad line stops the load after committing the lines before it",
             cmd_load, "mpkv load /tmp/copy < backup.jsonl", new_path)
-    c.add_argument("--format", choices=["binary", "text"], help="format of a new store")
+    _new_store_options(c)
     c.add_argument("--atomic", action="store_true",
                    help="load everything as one transaction: all lines or none")
     add("stats", "segments, records, live keys, bytes, garbage ratio", cmd_stats,
@@ -580,7 +593,7 @@ def parser() -> argparse.ArgumentParser:
                    help="stop after T idle seconds")
     c = add("demo", "worker processes count words into a store they share; result checked",
             cmd_demo, "mpkv demo /tmp/demo && mpkv stats /tmp/demo/run-1")
-    c.add_argument("dir", nargs="?", default=None,
+    c.add_argument("dir", nargs="?", default=None, metavar="DIR",
                    help="an empty or missing directory to work in; each run creates a "
                    "new store in DIR/run-N (default: a new temporary directory)")
     # Listed for --help; main() hands their arguments to them directly.
@@ -615,12 +628,27 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at /dev/null so flushing it at exit cannot complain again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (Error, ValueError, TypeError, OSError) as exc:
-        _fail(command, str(exc) or type(exc).__name__)
+    except Exception as exc:
+        if _interrupted(exc):  # Ctrl-C, then a failure while cleaning up after it
+            _fail(command, "interrupted")
+            return 130
+        if isinstance(exc, (Error, ValueError, TypeError, OSError)):
+            _fail(command, str(exc) or type(exc).__name__)
+        else:  # a bug of ours: still one line, naming what went wrong
+            _fail(command, f"unexpected {type(exc).__name__}: {exc}")
         return 1
-    except Exception as exc:  # a bug of ours: still one line, naming what went wrong
-        _fail(command, f"unexpected {type(exc).__name__}: {exc}")
-        return 1
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """True when a KeyboardInterrupt is among the exceptions ``exc`` was raised during."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
 
 
 if __name__ == "__main__":

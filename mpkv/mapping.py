@@ -41,7 +41,7 @@ def _check_delta(delta: object) -> int:
     return delta
 
 
-def _pairs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[Any, Any]]:
+def update_pairs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[Any, Any]]:
     """The (key, value) pairs of ``update``'s arguments, like ``dict.update``."""
     if len(args) > 1:
         raise TypeError(f"update expected at most 1 positional argument, got {len(args)}")
@@ -111,6 +111,10 @@ class TransactionMapping(KeyAccess, MutableMapping[str, Any]):
     def _check_op(self, key: str, encoded: Value | None) -> None:
         """Raise TypeError/ValueError when the backend cannot store this op."""
         raise NotImplementedError
+
+    def _committed_keys(self) -> Iterator[str]:
+        """The committed keys, lazily where the backend can (``popitem`` needs one)."""
+        return iter(self._committed_items())
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -203,12 +207,15 @@ class TransactionMapping(KeyAccess, MutableMapping[str, Any]):
         return len(self._encoded_items())
 
     def keys(self) -> KeysView[str]:
+        """The keys, from a point-in-time copy."""
         return self._encoded_items().keys()
 
     def values(self) -> ValuesView[Any]:
+        """The (decoded) values, from a point-in-time copy."""
         return self.items_dict().values()
 
     def items(self) -> ItemsView[str, Any]:
+        """The ``(key, value)`` pairs, from a point-in-time copy."""
         return self.items_dict().items()
 
     def items_dict(self) -> dict[str, Any]:
@@ -219,7 +226,7 @@ class TransactionMapping(KeyAccess, MutableMapping[str, Any]):
     def update(self, *args: Any, **kwargs: Any) -> None:
         """Like ``dict.update``; every value is checked before any is buffered."""
         self._live()
-        encoded = [(k, self._encode(k, v)) for k, v in _pairs(args, kwargs)]
+        encoded = [(k, self._encode(k, v)) for k, v in update_pairs(args, kwargs)]
         for key, value in encoded:
             self._stage(key, value)
 
@@ -240,8 +247,9 @@ class TransactionMapping(KeyAccess, MutableMapping[str, Any]):
         found = next(((k, v) for k, v in reversed(self._writes.items()) if v is not None),
                      None)
         if found is None:
-            found = next(((k, v) for k, v in self._committed_items().items()
-                          if k not in self._writes), None)
+            key = next((k for k in self._committed_keys() if k not in self._writes), None)
+            if key is not None:
+                found = key, self._committed(key)
         if found is None:
             raise KeyError("popitem(): the store is empty")
         key, value = found
@@ -329,12 +337,15 @@ class StoreMapping(KeyAccess, MutableMapping[str, Any]):
         return iter(self._encoded_items())
 
     def keys(self) -> KeysView[str]:
+        """The keys, from a point-in-time copy."""
         return self._encoded_items().keys()
 
     def values(self) -> ValuesView[Any]:
+        """The (decoded) values, from a point-in-time copy."""
         return self.items_dict().values()
 
     def items(self) -> ItemsView[str, Any]:
+        """The ``(key, value)`` pairs, from a point-in-time copy."""
         return self.items_dict().items()
 
     def items_dict(self) -> dict[str, Any]:
@@ -361,7 +372,7 @@ class StoreMapping(KeyAccess, MutableMapping[str, Any]):
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         """Like ``dict.update``, committed as one atomic unit (all or nothing)."""
-        pairs = _pairs(args, kwargs)
+        pairs = update_pairs(args, kwargs)
         if pairs:
             self._atomically(lambda tx: tx.update(pairs))
 

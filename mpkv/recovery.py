@@ -17,13 +17,15 @@ from . import compaction
 from .codec import Codec, Puts
 from .errors import CorruptionError, FormatError
 from .files import fsync_dir, make_dir, open_regular, read_capped, save_new, write_atomically
-from .locks import WriterLock
+from .locks import DirLock, WriterLock
 from .segments import (
     AUX,
     DIRLOCK,
+    INTENT,
     LOCK,
     META,
     QUARANTINE,
+    SIDE_FILE_CAP,
     SWITCH,
     SWITCH_MAX_BYTES,
     Meta,
@@ -31,14 +33,18 @@ from .segments import (
     check_store_dir,
     check_switch,
     check_written,
+    clear_intent,
     gap_message,
+    list_log,
     list_segments,
     log_gap,
     log_of,
     parse_name,
+    read_intent,
     read_meta,
     read_switch,
     segment_name,
+    truncate_log,
 )
 
 
@@ -62,6 +68,8 @@ class Report:
     bytes: int = 0
     damage: list[Damage] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
+    #: what repair changed, one sentence each (files rewritten, cut, removed)
+    actions: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -72,31 +80,86 @@ class Report:
         lines = [f"{self.segments} segments, {self.records} records, {self.bytes} bytes"]
         lines += [str(d) for d in self.damage]
         lines += [f"quarantined: {q}" for q in self.quarantined]
+        lines += self.actions
         return "\n".join(lines)
 
 
-def _scan(codec: Codec, file: str, data: bytes, newest: bool
-          ) -> tuple[int, list[tuple[int, int]], list[Damage]]:
-    """Records, valid byte ranges and damage of one segment's bytes."""
-    records, good, damage = 0, [], []
+@dataclass
+class _Segment:
+    """What scanning one segment found."""
+
+    name: str
+    file: str
+    #: ``(start, end, closes_unit)`` of every valid record, in order
+    pieces: list[tuple[int, int, bool]] = field(default_factory=list)
+    damage: list[Damage] = field(default_factory=list)
+    #: the byte ranges a repair keeps: records of atomic units that are whole
+    keep: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _scan(codec: Codec, seg: _Segment, data: bytes, newest: bool) -> int:
+    """Fill ``seg`` with the valid records and the damage of its bytes; return the
+    number of records (puts and deletes, however units pack them)."""
+    records = 0
     pos = 0
     while pos < len(data):
         rest = data[pos:]
         dec = codec.decode(rest)
-        # a record is one put or delete (what a user wrote), however units pack them
         records += sum(len(b.keys) if isinstance(b, Puts) else len(b) for b in dec.batches)
-        if dec.stop:
-            good.append((pos, pos + dec.stop))
+        prev = pos
+        for end, more in zip(dec.ends, dec.more, strict=True):
+            seg.pieces.append((prev, pos + end, not more))
+            prev = pos + end
         pos += dec.stop
+        assert prev == pos, "a decoder stops at a record boundary"
         if not dec.problem:
             break
         if newest and dec.torn:
-            damage.append(Damage(file, pos, len(data) - pos, dec.problem, torn=True))
+            seg.damage.append(Damage(seg.file, pos, len(data) - pos, dec.problem, torn=True))
             break
         nxt = pos - dec.stop + codec.next_valid(rest, dec.stop)
-        damage.append(Damage(file, pos, nxt - pos, dec.problem))
+        seg.damage.append(Damage(seg.file, pos, nxt - pos, dec.problem))
         pos = nxt
-    return records, good, damage
+    return records
+
+
+def _whole_units(segments: list[_Segment]) -> None:
+    """Decide what repair keeps: a record only with every record of its atomic unit.
+    A unit (binary: records of type 2 closed by one of type 1, maybe across segments)
+    that damage interrupts, or that the log ends before closing, is moved aside whole,
+    never glued to the next unit."""
+    unit: list[tuple[_Segment, int, int]] = []  # records of the unit not closed yet
+
+    def orphan(problem: str, torn: bool) -> None:
+        for seg in {id(s): s for s, _, _ in unit}.values():
+            ranges: list[list[int]] = []
+            for s, a, b in unit:
+                if s is seg:
+                    if ranges and ranges[-1][1] == a:
+                        ranges[-1][1] = b
+                    else:
+                        ranges.append([a, b])
+            seg.damage += [Damage(seg.file, a, b - a, problem, torn) for a, b in ranges]
+        unit.clear()
+
+    for seg in segments:
+        events = [(a, 0, b, closes) for a, b, closes in seg.pieces]
+        events += [(d.offset, 1, d.offset + d.length, d.torn) for d in seg.damage]
+        for start, kind, end, flag in sorted(events):
+            if kind == 1:  # damage: the unit in progress cannot be whole
+                if unit:
+                    orphan("records of an atomic unit whose closing record is damaged",
+                           torn=flag)
+                continue
+            unit.append((seg, start, end))
+            if flag:
+                for s, a, b in unit:
+                    s.keep.append((a, b))
+                unit.clear()
+    if unit:
+        orphan("records of an atomic unit the log ends before closing", torn=True)
+    for seg in segments:
+        seg.damage.sort(key=lambda d: d.offset)
 
 
 def _meta(path: str) -> Meta:
@@ -114,26 +177,81 @@ Progress = Callable[[list[str]], Iterable[str]]
 def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Report:
     """Scan every segment of the log; with ``fix``, quarantine damage and rewrite."""
     report = Report()
+    _unfinished_commit(path, meta, fix, report)
     names = list_segments(path)
     log = log_of(path, names, _check_marker(path, names, fix, report))
     report.segments = len(log)
-    for i, name in enumerate(progress(log) if progress else log):
-        file = os.path.join(path, name)
-        with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
-            data = f.read()
-        records, good, damage = _scan(meta.codec, file, data, newest=i == len(log) - 1)
-        report.records += records
+    segments = [_Segment(name, os.path.join(path, name)) for name in log]
+    for i, _ in enumerate(progress(log) if progress else log):
+        seg = segments[i]
+        data = _read(seg.file)
+        report.records += _scan(meta.codec, seg, data, newest=i == len(log) - 1)
         report.bytes += len(data)
-        report.damage += damage
-        if fix and damage:
-            report.quarantined += _quarantine(path, name, data, damage)
-            write_atomically(file, b"".join(data[a:b] for a, b in good))
+    _whole_units(segments)
+    for seg in segments:
+        report.damage += seg.damage
+        if fix and seg.damage:
+            data = _read(seg.file)
+            report.quarantined += _quarantine(path, seg.name, data, seg.damage)
+            kept = b"".join(data[a:b] for a, b in seg.keep)
+            write_atomically(seg.file, kept)
+            report.actions.append(f"rewrote {seg.file}: kept {len(kept)} of {len(data)} bytes")
     while (gap := log_gap(log)) is not None:
         report.damage.append(Damage(os.path.join(path, gap[1]), 0, 0, gap_message(path, gap)))
         if not fix or not _bridge(path, meta, log, gap[1]):
             break
+        report.actions.append(f"bridged the missing segments before {gap[1]}")
         log = log_of(path, list_segments(path), None)
     return report
+
+
+def _read(file: str) -> bytes:
+    with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
+        return f.read()
+
+
+def _unfinished_commit(path: str, meta: Meta, fix: bool, report: Report) -> None:
+    """A ``.mpkv/txn`` left by a text commit that died half written: its lines are cut
+    from the log (with ``fix``: moved to quarantine first), like the next writer would.
+    One that cannot apply to these files (a binary store, a segment that is not there,
+    an offset past its end) is itself moved aside, never obeyed."""
+    txn = os.path.join(path, AUX, INTENT)
+    raw = read_capped(txn, SIDE_FILE_CAP)
+    if raw is None:
+        return
+    try:
+        intent = read_intent(path) if meta.format == "text" else None
+        problem = "a transaction intent that cannot apply to this store's files"
+    except (CorruptionError, FormatError) as exc:  # damage, never an instruction
+        intent, problem = None, str(exc)
+    names = list_log(path)
+    target = segment_name(intent[0]) if intent is not None else ""
+    size = os.path.getsize(os.path.join(path, target)) if target in names else -1
+    if intent is None or not 0 <= intent[1] <= size:
+        report.damage.append(Damage(txn, 0, len(raw), problem,
+                                    torn=meta.format != "text"))
+        if fix:
+            report.quarantined.append(_save(path, INTENT, raw))
+            clear_intent(path)
+            fsync_dir(os.path.join(path, AUX))
+            report.actions.append(f"removed {txn}")
+        return
+    number, offset = intent
+    later = [n for n in names if n > target and parse_name(n)[1] == 0]  # type: ignore[index]
+    cut = [(target, offset)] + [(n, 0) for n in later]
+    for name, start in cut:
+        file = os.path.join(path, name)
+        length = os.path.getsize(file) - start
+        report.damage.append(Damage(file, start, length, "lines of a text transaction that "
+                                    "died before its end (.mpkv/txn)", torn=True))
+        if fix:
+            report.quarantined.append(_save(path, f"{name}.{start}", _read(file)[start:]))
+    if fix:
+        truncate_log(path, number, offset)
+        clear_intent(path)
+        fsync_dir(os.path.join(path, AUX))
+        report.actions.append(f"cut the unfinished text transaction at {target} offset {offset}"
+                              f" (and {len(later)} later segments); removed {txn}")
 
 
 def _check_marker(path: str, names: list[str], fix: bool, report: Report) -> Switch | None:
@@ -155,6 +273,7 @@ def _check_marker(path: str, names: list[str], fix: bool, report: Report) -> Swi
             report.quarantined.append(save_new(folder, SWITCH, ".bad", data))
             os.unlink(marker)
             fsync_dir(os.path.join(path, AUX))
+            report.actions.append(f"removed {marker} (its content is in the quarantine)")
         return None
 
 
@@ -171,11 +290,11 @@ def _bridge(path: str, meta: Meta, log: list[str], after: str) -> bool:
     inputs = log[: log.index(after)]
     state = compaction.replay(path, meta.codec, inputs)
     outputs = compaction.write_outputs(path, meta.codec, state, meta.max_segment_bytes)
-    fd = open_regular(os.path.join(path, AUX, DIRLOCK), os.O_RDWR | os.O_CREAT)
+    dirlock = DirLock(os.path.join(path, AUX, DIRLOCK), writable=True)
     try:
-        compaction.switch(path, outputs, bridge, inputs, fd)  # records were lost: no horizon
+        compaction.switch(path, outputs, bridge, inputs, dirlock)  # records were lost: no horizon
     finally:
-        os.close(fd)
+        dirlock.close()
     return True
 
 
@@ -200,8 +319,14 @@ def repair(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
 
 
 def _quarantine(path: str, name: str, data: bytes, damage: list[Damage]) -> list[str]:
+    return [_save(path, f"{name}.{d.offset}", data[d.offset : d.offset + d.length])
+            for d in damage]
+
+
+def _save(path: str, name: str, data: bytes) -> str:
+    """``data`` in ``.mpkv/quarantine/NAME.bad`` (fsynced), under a name never used
+    before: a later repair never overwrites what an earlier one moved aside."""
     folder = os.path.join(path, AUX, QUARANTINE)
     make_dir(folder)
     fsync_dir(os.path.join(path, AUX))
-    return [save_new(folder, f"{name}.{d.offset}", ".bad", data[d.offset : d.offset + d.length])
-            for d in damage]
+    return save_new(folder, name, ".bad", data)

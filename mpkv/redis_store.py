@@ -62,7 +62,7 @@ from .errors import (
     LockTimeout,
     ReadOnlyError,
 )
-from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint
+from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint, update_pairs
 from .serializer import serializer_for
 from .store import _check_options, _fork_epoch
 from .watch import Change, check_prefix, check_timeout
@@ -445,6 +445,7 @@ class RedisStore(StoreMapping):
         # here, and a transaction of the forking thread is the parent's, not ours: start
         # over with fresh ones (redis-py's pool opens new connections by itself).
         self._local = threading.local()
+        self._open_tx = 0
         self._held = {}
         self._held_mutex = threading.Lock()
         self._view_mutex = threading.RLock()
@@ -681,6 +682,21 @@ class RedisStore(StoreMapping):
             return tx.delete(key)
         return self._write([(key, None)], [_enc_key(key), b""], b"p") == 1
 
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Like ``dict.update``, committed as one atomic script (all or nothing)."""
+        self._writable()
+        if self._joined() is not None:
+            super().update(*args, **kwargs)
+            return
+        ops: list[Op] = []
+        argv: list[bytes] = []
+        for key, value in update_pairs(args, kwargs):
+            encoded = self._serializer.encode(value)
+            argv += (_enc_key(key), _enc_value(encoded))
+            ops.append((key, encoded))
+        if ops:
+            self._write(ops, argv, b"p")
+
     def __delitem__(self, key: str) -> None:
         self._writable()
         tx = self._joined()
@@ -821,7 +837,8 @@ class RedisStore(StoreMapping):
     # --- whole-namespace operations -------------------------------------------------
 
     def serialize(self, file_path: str | os.PathLike[str]) -> None:
-        """Write the current state (one atomic HGETALL) to one file, atomically."""
+        """Write the current state (one atomic HGETALL) to one file, atomically (a link
+        at ``file_path`` is followed, as ``Store.serialize`` does)."""
         snapshot.write(os.fspath(file_path), snapshot.encode(self._server_items()))
 
     def _server_items(self) -> dict[str, Value]:

@@ -215,6 +215,7 @@ class CrashCase:
     fix: Callable[[str], Any] | None = None
     min_points: int = 5
     cuts: int = 1  # places where each write is cut short
+    reboot: bool = False  # the shared state is lost with the crash, as after a reboot
 
 
 PROBE = "~crash-probe"
@@ -322,6 +323,8 @@ def crash_points(case: CrashCase, workdir: str) -> tuple[int, list[str]]:
         if res != ("killed", signal.SIGKILL):
             problems.append(f"{case.name} k={k}: the op did not die there: {res!r}")
             continue
+        if case.reboot and os.path.exists(os.path.join(work, ".mpkv", "shm")):
+            os.unlink(os.path.join(work, ".mpkv", "shm"))
         found = check_after_crash(work, before[1], after[1], case.fix)
         problems += [f"{case.name} k={k}/{total}: {p}" for p in found]
         shutil.rmtree(work, ignore_errors=True)

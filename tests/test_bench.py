@@ -47,3 +47,20 @@ def test_a_peer_that_is_not_installed_says_so_in_the_table() -> None:
     text = bench.table(rows, ["UltraDict"])
     last = text.splitlines()[-1]
     assert "UltraDict" in last and "not installed" in last and "pip install UltraDict" in last
+
+
+def test_bench_quick_runs_from_the_command_line(tmp_path: Path) -> None:
+    """`mpkv bench --quick` is accepted as it is (no `--` needed) and writes its report,
+    with or without matplotlib."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "mpkv", "bench", "--quick", "--stores", "dict",
+                        "--out", str(tmp_path), "--tmp", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = (tmp_path / "bench-quick.md").read_text()
+    assert "| dict |" in report and (tmp_path / "bench-quick.json").is_file()

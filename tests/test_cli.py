@@ -868,11 +868,50 @@ def test_interrupt_prints_one_line_and_exits_130(store: Path) -> None:
     proc.stdin.write(jsonl(1000))  # one whole chunk: committed while stdin stays open
     proc.stdin.flush()
     deadline = time.monotonic() + 60
-    while len(mpkv.Store(store, readonly=True)) < 1001:  # the load is running
-        assert time.monotonic() < deadline and proc.poll() is None
+    while True:  # until the load is running: its first chunk is committed
+        with mpkv.Store(store, readonly=True) as s:
+            if len(s) >= 1001:
+                break
+        assert time.monotonic() < deadline and proc.poll() is None, (
+            proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     err = proc.stderr.read()
-    assert proc.wait(timeout=30) == 130
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    code = proc.wait(timeout=30)
+    assert code == 130 and "Traceback" not in err and len(err.splitlines()) == 1, (code, err)
     proc.stdin.close()
+
+
+# --- JSON stores from the command line ----------------------------------------------------
+
+
+def test_json_store_through_load_get_and_dump(tmp_path: Path) -> None:
+    records = [{"key": "cfg", "value": {"name": "ada", "tags": [1, 2]}},
+               {"key": "n", "value": 3}, {"key": "nothing", "value": None},
+               {"key": "text", "value": "plain"}]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    store = tmp_path / "j"
+    r = fails(1, "load", tmp_path / "raw", input=lines)  # a raw store takes no objects
+    assert "line 1" in r.stderr and "serializer" in r.stderr
+    ok("load", store, "--serializer", "json", input=lines)
+    assert json.loads(ok("get", store, "cfg").stdout) == {"name": "ada", "tags": [1, 2]}
+    assert ok("get", store, "nothing").stdout == "null\n"  # a stored null is not a missing key
+    assert ok("get", store, "text").stdout == "plain\n"
+    fails(1, "get", store, "missing")
+    assert dump_lines(ok("dump", store).stdout) == records
+    fails(1, "put", store, "k", "v", "--serializer", "raw")  # conflicts with the store
+    with mpkv.Store(store) as s:
+        assert s["n"] == 3 and s.serializer == "json"
+
+
+def test_a_store_being_created_is_not_called_a_foreign_directory(tmp_path: Path) -> None:
+    """Between a creator's mkdir of .mpkv/ and its metadata, the path is not a store
+    yet, and not someone else's directory either (watch waits on exactly this)."""
+    from mpkv import cli
+
+    path = tmp_path / "s"
+    (path / ".mpkv").mkdir(parents=True)
+    assert cli._holds_store(str(path)) is False
+    r = fails(1, "get", path, "k")
+    assert "no mpkv store" in r.stderr
+    assert sorted(p.name for p in path.rglob("*")) == [".mpkv"]

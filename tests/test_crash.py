@@ -41,7 +41,7 @@ import crash_workers as cw  # noqa: E402
 
 import mpkv  # noqa: E402
 from mpkv.codec import CODECS, HEADER  # noqa: E402
-from mpkv.segments import AUX, SHM, list_segments  # noqa: E402
+from mpkv.segments import AUX, SHM, list_segments, written_format  # noqa: E402
 
 WORKER = os.path.join(TESTS, "crash_workers.py")
 BINARY, TEXT = CODECS["binary"], CODECS["text"]
@@ -1128,6 +1128,15 @@ def test_fuzz_open_store_with_random_segment(fmt, followed, junk):
         if followed:  # the random segment is then an old one: damage is never torn
             with open(os.path.join(path, "000000000002.seg"), "wb") as f:
                 f.write(b"P|z|1\n" if fmt == "text" else _record(BINARY, [("z", "1")]))
+        written = written_format(path)
+        if written is not None and written[0] != fmt:
+            # The junk is a record of the other format: refused whole, never truncated.
+            for opener in (mpkv.Store, mpkv.verify, mpkv.repair):
+                with pytest.raises(mpkv.FormatError, match="holds"):
+                    opener(path)
+            with open(os.path.join(path, "000000000001.seg"), "rb") as f:
+                assert f.read() == junk
+            return
         codec = CODECS[fmt]
         dec = codec.decode(junk)
         got = _open_outcome(path)

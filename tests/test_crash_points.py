@@ -146,6 +146,15 @@ CASES = [
     CrashCase("transaction-text", _filled("text", 200, 3, 10), _transaction(3, 8)),
     CrashCase("deserialize-binary", _filled("binary", 100, 6, 10), _deserialize),
     CrashCase("deserialize-text", _filled("text", 100, 6, 10), _deserialize),
+    # the same after a reboot: no shared state to say where the log was published
+    CrashCase("put-rotates-binary-reboot", _filled("binary", 100, 6, 10),
+              _put_rotating("binary"), reboot=True),
+    CrashCase("transaction-chained-binary-reboot", _filled("binary", 100, 3, 10),
+              _transaction(8, 20), reboot=True),
+    CrashCase("transaction-text-reboot", _filled("text", 200, 3, 10), _transaction(3, 8),
+              reboot=True),
+    CrashCase("compact-binary-several-outputs-reboot", _filled("binary", 100, 12, 20, 1, 2),
+              _compact(2), reboot=True),
     # recovery and creation
     CrashCase("repair", _damaged, _repair, fix=mpkv.repair),
     CrashCase("create", lambda path: None, _create),
@@ -160,6 +169,7 @@ KNOWN_BUGS = {
     "put-rotates-text": "a record written past the commit point is adopted later",
     "transaction-chained-binary": "a record written past the commit point is adopted later",
     "deserialize-binary": "a record written past the commit point is adopted later",
+    "transaction-text-reboot": "with no shared state a reader ignores the text intent",
 }
 
 

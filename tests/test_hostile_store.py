@@ -283,7 +283,7 @@ def open_in_child(p: str) -> subprocess.CompletedProcess[str]:
             "import mpkv\n"
             "try:\n    with mpkv.Store(sys.argv[1]) as s:\n        s['x'] = 'y'\n"
             "    print('opened')\n"
-            "except mpkv.FormatError as e:\n    print('refused', e)\n")
+            "except (mpkv.FormatError, mpkv.CorruptionError) as e:\n    print('refused', e)\n")
     return subprocess.run([sys.executable, "-c", code, p], capture_output=True, text=True,
                           timeout=120)
 
@@ -374,3 +374,104 @@ def test_non_integer_redis_sequence_key_is_a_corruption_error(redis_url, stalene
             s.refresh()
     with pytest.raises(mpkv.CorruptionError, match="seq"):
         mpkv.open(redis_url, max_staleness=staleness)
+
+
+# --- repair is loss-free ------------------------------------------------------------
+
+
+def flip(file: str, offset: int) -> None:
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def quarantined(p: str) -> dict[str, bytes]:
+    folder = Path(p, ".mpkv", "quarantine")
+    return {f.name: f.read_bytes() for f in folder.iterdir()} if folder.exists() else {}
+
+
+def test_second_repair_of_damage_at_the_same_offset_keeps_the_first_quarantine_file(tmp_path):
+    p = make_store(tmp_path / "s", n=40)
+    first = os.path.join(p, segs(p)[0])
+    for round_ in range(2):
+        flip(first, 12)  # inside the first record's payload
+        with pytest.raises(mpkv.CorruptionError):
+            mpkv.Store(p)
+        report = mpkv.repair(p)
+        assert not mpkv.repair(p).damage
+        assert len(quarantined(p)) == round_ + 1
+        assert len(report.quarantined) == 1
+    saved = quarantined(p)
+    assert len(set(saved.values())) == 2  # two different records, both kept
+    with mpkv.Store(p) as s:
+        assert len(s) == 38
+
+
+def test_unit_whose_closing_record_is_damaged_is_moved_aside_whole_not_glued(tmp_path):
+    p = str(tmp_path / "s")
+    with mpkv.Store(p, max_segment_bytes=200) as s:
+        s["before"] = "1"
+        with s.transaction() as tx:  # too big for one segment: chained records
+            for i in range(6):
+                tx[f"tx{i}"] = "x" * 60
+        s["after"] = "2"
+        s["later"] = "3"
+    sizes = {n: os.path.getsize(os.path.join(p, n)) for n in segs(p)}
+    whole = b"".join(Path(p, n).read_bytes() for n in segs(p))
+    # The unit's closing record: the last record holding tx keys.
+    closing = max(n for n in segs(p) if b"tx" in Path(p, n).read_bytes())
+    flip(os.path.join(p, closing), 12)
+    report = mpkv.repair(p)
+    assert not report.ok
+    with mpkv.Store(p) as s:
+        assert not [k for k in s if k.startswith("tx")]  # none of the unit, not half
+        assert s["before"] == "1" and s["after"] == "2" and s["later"] == "3"
+    assert mpkv.verify(p).ok
+    kept = b"".join(Path(p, n).read_bytes() for n in segs(p))
+    assert len(kept) + sum(map(len, quarantined(p).values())) == len(whole) == sum(sizes.values())
+
+
+def test_repair_cuts_an_unfinished_text_transaction_into_quarantine(tmp_path):
+    p = str(tmp_path / "s")
+    with mpkv.Store(p, format="text") as s:
+        s["a"] = "1"
+        s["b"] = "2"
+    seg = os.path.join(p, segs(p)[-1])
+    end = os.path.getsize(seg)
+    Path(p, ".mpkv", "txn").write_text(f"1 {end} 21\n")  # start and length (format.md)
+    with open(seg, "a") as f:  # a commit of three lines died after two
+        f.write("P|t1|x\nP|t2|y\n")
+    assert mpkv.verify(p).ok  # an unfinished commit is a torn tail, not damage
+    report = mpkv.repair(p)
+    assert any("unfinished" in a for a in report.actions)
+    assert not os.path.exists(os.path.join(p, ".mpkv", "txn"))
+    assert Path(seg).read_text() == "P|a|1\nP|b|2\n"
+    assert b"P|t1|x\nP|t2|y\n" in quarantined(p).values()
+    with mpkv.Store(p) as s:
+        assert dict(s) == {"a": "1", "b": "2"}
+
+
+@pytest.mark.parametrize("fmt,content", [("text", "7 0\n"), ("text", "1 999999\n"),
+                                         ("binary", "1 0\n")])
+def test_repair_moves_aside_an_intent_that_cannot_apply_and_cuts_nothing(tmp_path, fmt, content):
+    p = make_store(tmp_path / "s", format=fmt)
+    before = files_of(p)
+    Path(p, ".mpkv", "txn").write_text(content)
+    mpkv.repair(p)
+    assert files_of(p) == before
+    assert not os.path.exists(os.path.join(p, ".mpkv", "txn"))
+    assert content.encode() in quarantined(p).values()
+
+
+@pytest.mark.parametrize("entry", ["README", "notes-1", "12x-3", "99999999999999999999999-1"])
+def test_stray_entries_in_readers_are_ignored_by_compaction(tmp_path, entry):
+    p = make_store(tmp_path / "s", n=50)
+    folder = Path(p, ".mpkv", "readers")
+    folder.mkdir(exist_ok=True)
+    (folder / entry).write_text("not a number")
+    with mpkv.Store(p) as s:
+        assert s.compact()["segments_before"] > 0
+        assert len(s) == 50
+    assert (folder / entry).read_text() == "not a number"
