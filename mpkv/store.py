@@ -981,3 +981,6 @@ class Transaction(TransactionMapping):
 
     def _check_op(self, key: str, encoded: Value | None) -> None:
         self._store._codec.check(key, encoded, delete=encoded is None)
+
+    def _committed_keys(self) -> Iterator[str]:
+        return iter(self._store._view)  # O(1) to the first key: popitem in a loop is linear
