@@ -8,7 +8,6 @@ state. The outputs hold puts only: they start the log, so no tombstone is needed
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import os
 import zlib
@@ -18,6 +17,7 @@ from typing import NamedTuple
 from .codec import Codec, Puts, Value, apply
 from .errors import CorruptionError, Error
 from .files import create_temp, fsync_dir, make_dir, open_dir, open_regular, write_atomically
+from .locks import DirLock
 from .segments import (
     AUX,
     HORIZON,
@@ -85,7 +85,8 @@ class Output(NamedTuple):
 def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: int
                   ) -> list[Output]:
     """Write ``state`` into temporary files in ``.mpkv/`` (never taken for segments),
-    each within the segment limit and fsynced. Returns them in order."""
+    each within the segment limit and fsynced. Returns them in order. On any error (a
+    full disk) the files written so far are removed before it propagates."""
     aux = os.path.join(path, AUX)
     outputs: list[Output] = []
     f = None
@@ -119,6 +120,18 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
         if f is None:  # an empty state still gets a (empty) first part: the log's start
             start()
         seal()
+    except BaseException:
+        if f is not None and not f.closed:
+            try:
+                f.close()  # flushes what is buffered: may fail again on a full disk
+            except OSError:
+                pass
+        for gone in [o.path for o in outputs] + ([tmp] if tmp else []):
+            try:
+                os.unlink(gone)
+            except FileNotFoundError:
+                pass
+        raise
     finally:
         if f is not None:
             f.close()
@@ -126,7 +139,7 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
 
 
 def switch(path: str, outputs: list[Output], number: int, inputs: list[str],
-           dirlock: int, horizon: UnitPos | None = None) -> None:
+           dirlock: DirLock, horizon: UnitPos | None = None) -> None:
     """Put the outputs in place of the inputs (writer lock held).
 
     Under the directory lock held exclusively, so no reader lists the directory halfway:
@@ -142,8 +155,7 @@ def switch(path: str, outputs: list[Output], number: int, inputs: list[str],
     ``horizon``, the position of the last unit of the inputs, goes to ``.mpkv/horizon``
     first: a watcher resuming at or after it has lost nothing (docs/compaction.md);
     None (repair bridging lost segments) removes it."""
-    fcntl.flock(dirlock, fcntl.LOCK_EX)
-    try:
+    with dirlock.exclusive():
         needed = oldest_needed(path)
         if horizon is not None:
             write_atomically(os.path.join(path, AUX, HORIZON),
@@ -165,8 +177,6 @@ def switch(path: str, outputs: list[Output], number: int, inputs: list[str],
         _retire(path, inputs, needed)
         os.unlink(os.path.join(aux, SWITCH))
         fsync_dir(aux)
-    finally:
-        fcntl.flock(dirlock, fcntl.LOCK_UN)
 
 
 def _retire(path: str, inputs: list[str], needed: int | None) -> None:
@@ -197,7 +207,7 @@ def _retire(path: str, inputs: list[str], needed: int | None) -> None:
     fsync_dir(path)
 
 
-def tidy(path: str, dirlock: int) -> None:
+def tidy(path: str, dirlock: DirLock) -> None:
     """Clean up after a compaction that died (compaction lock held): delete its
     temporary files and the outputs it renamed before its switch was committed (the
     log ignores them: their segment b is still there), or finish its committed switch.
@@ -214,8 +224,7 @@ def tidy(path: str, dirlock: int) -> None:
     dead = [n for n in names if n not in live]  # inputs (committed) or stray outputs
     if not dead and record is None:
         return
-    fcntl.flock(dirlock, fcntl.LOCK_EX)
-    try:
+    with dirlock.exclusive():
         needed = oldest_needed(path)
         if record is not None:
             _retire(path, dead, needed)
@@ -226,5 +235,3 @@ def tidy(path: str, dirlock: int) -> None:
                 assert parse_name(name)[1], name  # type: ignore[index]
                 os.unlink(os.path.join(path, name))
             fsync_dir(path)
-    finally:
-        fcntl.flock(dirlock, fcntl.LOCK_UN)

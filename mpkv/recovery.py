@@ -17,7 +17,7 @@ from . import compaction
 from .codec import Codec, Puts
 from .errors import CorruptionError, FormatError
 from .files import fsync_dir, make_dir, open_regular, read_capped, save_new, write_atomically
-from .locks import WriterLock
+from .locks import DirLock, WriterLock
 from .segments import (
     AUX,
     DIRLOCK,
@@ -219,13 +219,17 @@ def _unfinished_commit(path: str, meta: Meta, fix: bool, report: Report) -> None
     raw = read_capped(txn, SIDE_FILE_CAP)
     if raw is None:
         return
-    intent = read_intent(path) if meta.format == "text" else None
+    try:
+        intent = read_intent(path) if meta.format == "text" else None
+        problem = "a transaction intent that cannot apply to this store's files"
+    except (CorruptionError, FormatError) as exc:  # damage, never an instruction
+        intent, problem = None, str(exc)
     names = list_log(path)
     target = segment_name(intent[0]) if intent is not None else ""
     size = os.path.getsize(os.path.join(path, target)) if target in names else -1
     if intent is None or not 0 <= intent[1] <= size:
-        report.damage.append(Damage(txn, 0, len(raw), "a transaction intent that cannot "
-                                    "apply to this store's files", torn=intent is None))
+        report.damage.append(Damage(txn, 0, len(raw), problem,
+                                    torn=meta.format != "text"))
         if fix:
             report.quarantined.append(_save(path, INTENT, raw))
             clear_intent(path)
@@ -286,11 +290,11 @@ def _bridge(path: str, meta: Meta, log: list[str], after: str) -> bool:
     inputs = log[: log.index(after)]
     state = compaction.replay(path, meta.codec, inputs)
     outputs = compaction.write_outputs(path, meta.codec, state, meta.max_segment_bytes)
-    fd = open_regular(os.path.join(path, AUX, DIRLOCK), os.O_RDWR | os.O_CREAT)
+    dirlock = DirLock(os.path.join(path, AUX, DIRLOCK), writable=True)
     try:
-        compaction.switch(path, outputs, bridge, inputs, fd)  # records were lost: no horizon
+        compaction.switch(path, outputs, bridge, inputs, dirlock)  # records were lost: no horizon
     finally:
-        os.close(fd)
+        dirlock.close()
     return True
 
 

@@ -10,7 +10,6 @@ so no other file can be taken for a segment. See docs/format.md and docs/protoco
 from __future__ import annotations
 
 import bisect
-import fcntl
 import itertools
 import json
 import os
@@ -33,6 +32,7 @@ from .codec import (
 from .errors import CorruptionError, Error, FormatError
 from .files import check_dir, make_dir, open_dir, open_regular, read_capped, write_temp
 from .files import fsync_dir as fsync_dir
+from .locks import DirLock
 
 AUX = ".mpkv"
 META = "meta"
@@ -369,15 +369,22 @@ def create_meta(path: str, meta: Meta) -> Meta:
 # --- text transactions: an intent file makes them all-or-nothing -------------------
 #
 # Text records have no framing, so a multi-line commit first records where it starts
-# in .mpkv/txn and removes the file when its last line is written. While the file
-# exists, readers treat the log as ending there; the next writer truncates the log at
-# that point (undoing the unfinished commit) and removes it.
+# and how many bytes it writes in .mpkv/txn, and removes the file when its last line is
+# written. While the shared state is untrusted and the file exists, readers treat the
+# log as ending there and the next writer truncates the log at that point (undoing the
+# unfinished commit). The file is never obeyed blindly: ``read_intent`` checks it
+# against the segments, and binary stores never read it (docs/format.md).
+
+_INTENT_MAX_BYTES = 64
+_INTENT_LINE = re.compile(rb"(\d{1,12}) (\d{1,19}) (\d{1,19})\n")
 
 
-def write_intent(path: str, number: int, offset: int, durable: bool) -> None:
-    """Written whole then renamed into place: a reader never sees half a position."""
+def write_intent(path: str, number: int, offset: int, length: int, durable: bool) -> None:
+    """Written whole under a unique name, then renamed into place: a reader never sees
+    half of it. ``length``: the bytes the commit appends from ``(number, offset)`` on."""
     aux = os.path.join(path, AUX)
-    tmp = write_temp(aux, f"{INTENT}.", f"{number} {offset}\n".encode("ascii"), durable)
+    tmp = write_temp(aux, f"{INTENT}.", f"{number} {offset} {length}\n".encode("ascii"),
+                     durable)
     try:
         os.replace(tmp, os.path.join(aux, INTENT))
     except BaseException:
@@ -388,14 +395,66 @@ def write_intent(path: str, number: int, offset: int, durable: bool) -> None:
 
 
 def read_intent(path: str) -> tuple[int, int] | None:
-    data = read_capped(os.path.join(path, AUX, INTENT), SIDE_FILE_CAP)
-    if data is None:
+    """Where an unfinished text commit starts, ``(segment number, offset)``; None when
+    there is none. Raises CorruptionError when the file is not an intent this store's
+    segments can have left: bad syntax, a segment that does not exist or is not the
+    log's end, an offset past the file or not at a line's start, or more bytes after it
+    than the commit was to write. FormatError when it is a link, a special file or huge
+    (never followed, never read whole)."""
+    file = os.path.join(path, AUX, INTENT)
+    data = read_capped(file, _INTENT_MAX_BYTES)
+    if not data:  # written whole then renamed: empty only when power loss lost it
         return None
-    try:
-        number, offset = data.split()
-        return int(number), int(offset)
-    except ValueError:  # the intent file itself was cut short: its commit wrote nothing
-        return None
+    m = _INTENT_LINE.fullmatch(data)
+    if m is None:
+        raise CorruptionError(f"{file}: malformed transaction intent {data[:64]!r}", file, 0)
+    number, offset, length = (int(g) for g in m.groups())
+    problem = _intent_problem(path, number, offset, length)
+    if problem:
+        raise CorruptionError(f"{file}: transaction intent {number} {offset} {length} "
+                              f"does not match the segments: {problem}", file, 0)
+    return number, offset
+
+
+def _intent_problem(path: str, number: int, offset: int, length: int) -> str:
+    appended: dict[int, int] = {}
+    compacted_up_to = 0
+    for name in list_segments(path):
+        major, part = parse_name(name)  # type: ignore[misc]
+        if part:
+            compacted_up_to = max(compacted_up_to, major)
+        else:
+            appended[major] = os.lstat(os.path.join(path, name)).st_size
+    if number == 0:  # the log was empty when the commit started
+        if offset or compacted_up_to:
+            return "segment 0 is only the start of an empty log"
+        after = sum(appended.values())
+    else:
+        if number not in appended:
+            return f"no segment {segment_name(number)}"
+        if number <= compacted_up_to:
+            return "that segment was compacted"
+        size = appended[number]
+        if offset > size:
+            return f"offset past the segment's {size} bytes"
+        if offset:
+            fd = open_regular(os.path.join(path, segment_name(number)), os.O_RDONLY)
+            try:
+                if os.pread(fd, 1, offset - 1) != b"\n":
+                    return "offset is not at the start of a line"
+            finally:
+                os.close(fd)
+        after = size - offset + sum(s for n, s in appended.items() if n > number)
+    if after > length:
+        return f"{after} bytes follow it, more than the commit's {length}"
+    return ""
+
+
+def discard_intent(path: str) -> None:
+    """Remove an intent a trusted commit point makes meaningless (commits remove theirs
+    before publishing). A link, special file or huge file there raises FormatError."""
+    read_capped(os.path.join(path, AUX, INTENT), _INTENT_MAX_BYTES)
+    clear_intent(path)
 
 
 def clear_intent(path: str) -> None:
@@ -406,17 +465,20 @@ def clear_intent(path: str) -> None:
 
 
 def truncate_log(path: str, number: int, offset: int) -> None:
-    """Cut the log at ``offset`` of segment ``number``: later segments are deleted, the
-    newest first, so that a reader listing meanwhile never sees a gap. (Unlinking a
-    name never follows a link; the truncated file is opened without.)"""
+    """Cut the log at ``offset`` of segment ``number``: later appended segments are
+    deleted, the newest first, so that a reader listing meanwhile never sees a gap
+    (compaction outputs are older than any segment a commit appends to). Never extends
+    a file. (Unlinking a name never follows a link; the truncated file is opened
+    without.)"""
     for name in reversed(list_segments(path)):
-        major = parse_name(name)[0]  # type: ignore[index]
-        if major > number:
+        major, part = parse_name(name)  # type: ignore[misc]
+        if major > number and not part:
             os.unlink(os.path.join(path, name))
-        elif major == number and name == segment_name(number):
+        elif major == number and not part:
             fd = open_regular(os.path.join(path, name), os.O_WRONLY)
             try:
-                os.ftruncate(fd, offset)
+                if os.fstat(fd).st_size > offset:
+                    os.ftruncate(fd, offset)
             finally:
                 os.close(fd)
     fsync_dir(path)
@@ -458,6 +520,9 @@ def read_horizon(path: str) -> tuple[int, UnitPos] | None:
     return b, (segment, offset, count)
 
 
+_TOKEN = re.compile(r"[1-9]\d{0,9}-[0-9A-Za-z-]{1,64}")  # "<pid>-<name>": a live process
+
+
 def oldest_needed(path: str) -> int | None:
     """The oldest segment number a live registered reader still needs. Entries that
     are not ``<pid>-<id>`` holding a number are not mpkv's and are ignored; the folder
@@ -471,7 +536,7 @@ def oldest_needed(path: str) -> int | None:
     try:
         for token in os.listdir(fd):
             pid_text = token.split("-")[0]
-            if token.startswith(".") or not pid_text.isdigit() or "-" not in token:
+            if not _TOKEN.fullmatch(token):  # a temporary file, or not ours
                 continue
             try:
                 os.kill(int(pid_text), 0)
@@ -522,6 +587,11 @@ def _beyond(name: str, limit: Limit | None) -> bool:
     return limit is not None and part == 0 and number > limit[0]
 
 
+#: A cursor's position as ``Cursor.mark`` returns it: name, folder, offset, units and
+#: the last unit read.
+Mark = tuple["str | None", str, int, int, UnitPos]
+
+
 class Cursor:
     """A position in the log: the current segment and the end of the last record applied.
 
@@ -530,11 +600,11 @@ class Cursor:
     rotates through the same cursor, so it never re-reads its own records.
     """
 
-    def __init__(self, path: str, codec: Codec, writable: bool, dirlock: int | None) -> None:
+    def __init__(self, path: str, codec: Codec, writable: bool, dirlock: DirLock) -> None:
         self.path = path
         self.codec = codec
         self.writable = writable
-        self.dirlock = dirlock  # descriptor of .mpkv/dirlock (None: cannot be opened)
+        self.dirlock = dirlock
         self.retained = False  # also look in .mpkv/retained/ (a watcher needs every change)
         self.name: str | None = None
         self.folder = path  # where the current segment is
@@ -559,9 +629,7 @@ class Cursor:
         """Start at ``offset`` of appended segment ``number`` (in the log or, with
         ``retained``, in .mpkv/retained/); False when no such segment exists."""
         name = segment_name(number)
-        if self.dirlock is not None:
-            fcntl.flock(self.dirlock, fcntl.LOCK_SH)
-        try:
+        with self.dirlock.shared():
             folders = [self.path, os.path.join(self.path, AUX, RETAINED)]
             for folder in folders[:2 if self.retained else 1]:
                 if folder == self.path and name not in list_log(self.path):
@@ -574,9 +642,6 @@ class Cursor:
                 self.offset = offset
                 return True
             return False
-        finally:
-            if self.dirlock is not None:
-                fcntl.flock(self.dirlock, fcntl.LOCK_UN)
 
     def _open(self, folder: str, name: str, flags: int = 0) -> int:
         mode = os.O_RDWR if self.writable else os.O_RDONLY
@@ -590,17 +655,12 @@ class Cursor:
 
         Listing holds the directory lock shared, so a compaction's switch (exclusive) is
         seen whole or not at all."""
-        if self.dirlock is not None:
-            fcntl.flock(self.dirlock, fcntl.LOCK_SH)
-        try:
+        with self.dirlock.shared():
             names = [(n, self.path) for n in list_log(self.path)]
             kept = os.path.join(self.path, AUX, RETAINED)
             if self.retained and os.path.isdir(kept):
                 names = sorted(names + [(n, kept) for n in list_segments(kept)])
             return names
-        finally:
-            if self.dirlock is not None:
-                fcntl.flock(self.dirlock, fcntl.LOCK_UN)
 
     def _next(self) -> tuple[str, str, int] | None:
         """The segment to read after this one, opened: ``(name, folder, fd)``.
@@ -699,6 +759,21 @@ class Cursor:
                     self._rewind(*mark)
                 return batches, (self.offset if torn else None)
             self._enter(*nxt)
+
+    def mark(self) -> Mark:
+        """The position, for ``restore``."""
+        return self.name, self.folder, self.offset, self.units, self.position
+
+    def restore(self, mark: Mark) -> None:
+        """Go back to a position ``mark`` returned (NeedReload if its file is gone)."""
+        name, folder, offset, units, position = mark
+        if name is None:
+            self.close()
+            self.name, self.folder, self.offset, self.units = None, self.path, 0, 0
+            self.number = self.part = 0
+        else:
+            self._rewind(name, folder, offset, units)
+        self.position = position
 
     def _rewind(self, name: str | None, folder: str, offset: int, units: int) -> None:
         """Go back to the start of an unfinished unit, maybe in an earlier segment."""

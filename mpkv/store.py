@@ -10,7 +10,7 @@ whole protocol; docs/format.md the bytes.
 
 from __future__ import annotations
 
-import fcntl
+import logging
 import os
 import threading
 import time
@@ -21,13 +21,12 @@ from collections.abc import (
     Iterator,
 )
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from . import compaction, snapshot
 from .codec import Batch, Op, Value, apply
 from .errors import ClosedError, Error, FormatError, ReadOnlyError
-from .files import open_regular
-from .locks import WriterLock
+from .locks import CompactionLock, DirLock, WriterLock
 from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint
 from .segments import (
     AUX,
@@ -38,6 +37,7 @@ from .segments import (
     SHM,
     Cursor,
     Limit,
+    Mark,
     Meta,
     NeedReload,
     UnitPos,
@@ -45,6 +45,7 @@ from .segments import (
     check_written,
     clear_intent,
     create_meta,
+    discard_intent,
     list_log,
     list_segments,
     parse_name,
@@ -63,6 +64,18 @@ AUTO_COMPACT_MIN_BYTES = 4 << 20  # no auto-compaction below this much sealed da
 AUTO_COMPACT_GARBAGE = 0.5  # ... or while dead records are less than this fraction
 T = TypeVar("T")
 FSYNC_MODES = ("always", "periodic", "never")
+_log = logging.getLogger("mpkv")
+
+
+class Look(NamedTuple):
+    """Where a read of the log stops, decided from one look at the shared state."""
+
+    seq: int  # the shared counter it was decided at
+    limit: Limit | None  # the end to read to (None: the end of the files)
+    #: None when ``limit`` is a published commit point (or the reader holds the writer
+    #: lock); else the shared state's ``look()`` before reading, to check again after:
+    #: a read to the end of the files is valid only if no writer published meanwhile.
+    check: tuple[bool, int, bool] | None
 
 # Bumped in a child after fork(); a store opened under an older value reopens itself.
 _fork_epoch = [1]
@@ -181,7 +194,7 @@ class Store(StoreMapping):
                                                             self.lock_timeout)
         self._shm = SharedState(os.path.join(aux, SHM), writable=not self.readonly)
         self._view: dict[str, Value] = {}
-        self._dirlock = self._open_dirlock()
+        self._dirlock = DirLock(os.path.join(aux, DIRLOCK), writable=not self.readonly)
         self._cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock)
         self._seen_seq = -1
         self._verified = False  # has this process's writer checked the log tail once?
@@ -193,6 +206,8 @@ class Store(StoreMapping):
         self._stop_syncer = threading.Event()
         self._syncer: threading.Thread | None = None
         self._compactor: threading.Thread | None = None
+        #: the error that ended the last automatic compaction (also logged), or None
+        self.compaction_error: BaseException | None = None
         self._sealed_bytes = 0  # sealed bytes seen by this process: when to check garbage
         self._next_check = AUTO_COMPACT_MIN_BYTES
         try:
@@ -206,19 +221,6 @@ class Store(StoreMapping):
         # state to watch) read the log.
         self._lazy = self.max_staleness != 0 or not self._shm.backed
         self._epoch = _fork_epoch[0]
-
-    def _open_dirlock(self) -> int | None:
-        file = os.path.join(self.path, AUX, DIRLOCK)
-        try:
-            if self.readonly:
-                return open_regular(file, os.O_RDONLY)
-            return open_regular(file, os.O_RDWR | os.O_CREAT)
-        except OSError:  # readonly, and no writer ever created it
-            return None
-
-    def _dirlock_fd(self) -> int:
-        assert self._dirlock is not None  # writable stores always have it
-        return self._dirlock
 
     def _check(self) -> None:
         """Slow path of every public call: closed, or first use in a forked child."""
@@ -241,62 +243,109 @@ class Store(StoreMapping):
 
     # --- tailing -------------------------------------------------------------------
 
-    def _reader_limit(self) -> tuple[int, Limit | None]:
+    def _reader_limit(self) -> Look:
+        """Where a reader stops: the published commit point, or, when the shared state
+        is untrusted, the end of the files short of an unfinished text commit."""
         snap = self._shm.snapshot()
         if snap is None:
-            return self._shm.seq, None
+            return self._untrusted_limit()
         seq, seg, end = snap
-        return seq, (seg, end)
+        return Look(seq, (seg, end), None)
 
-    def _open_limit(self) -> tuple[int, Limit | None]:
+    def _untrusted_limit(self) -> Look:
+        """The untrusted shared state says nothing of the log's end: read to the end of
+        the files, and check afterwards that no writer published meanwhile. A writer
+        that finds the state untrusted publishes before it writes a record, so records
+        read that way were complete before any writer of this boot started: every
+        process keeps them (docs/protocol.md)."""
+        if self._shm.remap():
+            self._remapped()
+            snap = self._shm.snapshot()
+            if snap is not None:
+                return Look(snap[0], (snap[1], snap[2]), None)
+        check = self._shm.look()
+        limit = read_intent(self.path) if self.format == "text" else None
+        return Look(check[1], limit, check)
+
+    def _remapped(self) -> None:
+        """The shared state file appeared and is mapped now: reads watch its counter."""
+        self._q = self._shm.slots
+        self._lazy = self.max_staleness != 0
+
+    def _changed(self, check: tuple[bool, int, bool]) -> bool:
+        if self._shm.remap():
+            self._remapped()
+            return True
+        return self._shm.look() != check
+
+    def _open_limit(self) -> Look:
         """Where opening stops reading: the published commit point, or the end of the
-        files when they hold more and no writer is at work (the shared state is stale:
-        the directory was copied or edited, or the machine rebooted), so that such
-        records are seen and checked too. The end is the size measured between two
-        looks at the shared state showing no writer: bytes of a writer starting later
-        are beyond it."""
-        seq, limit = self._reader_limit()
-        if limit is None:  # untrusted: read to the end, short of an unfinished text commit
-            return seq, read_intent(self.path)
-        if self._shm.inflight:
-            return seq, limit
+        files when they hold more and no writer is at work (the directory was edited),
+        so that such records are seen and checked too. The end is the size measured
+        between two looks at the shared state showing no writer: bytes of a writer
+        starting later are beyond it."""
+        look = self._reader_limit()
+        if look.check is not None or self._shm.inflight:
+            return look
+        seq, limit = look.seq, look.limit
+        assert limit is not None
         names = list_log(self.path)
         if not names:
-            return seq, limit
+            return look
         number = parse_name(names[-1])[0]  # type: ignore[index]
         try:
             size = os.path.getsize(os.path.join(self.path, names[-1]))
         except FileNotFoundError:  # compacted away meanwhile: a writer is at work
-            return seq, limit
+            return look
         if self._shm.inflight or self._shm.seq != seq or (number, size) <= limit:
-            return seq, limit
-        return seq, (number, size)
+            return look
+        return Look(seq, (number, size), None)
 
-    def _catch_up(self, seq_limit: tuple[int, Limit | None]) -> tuple[int, int | None]:
-        """Apply what the log holds past the cursor, up to the limit. Tail mutex held.
-        Returns (records applied, offset of a torn tail or None)."""
-        seq, limit = seq_limit
-        try:
-            batches, torn = self._cursor.read(limit)
-        except NeedReload:
-            return self._reload(limit), None
-        if batches:
-            self._apply(batches)
-        self._seen_seq = seq
-        self._last_refresh = time.monotonic()
-        return len(batches), torn
+    def _catch_up(self, look: Look) -> tuple[int, int | None]:
+        """Apply what the log holds past the cursor, up to the look's limit. Tail mutex
+        held. Returns (records applied, offset of a torn tail or None)."""
+        reload = False  # the cursor is lost: rebuild the view from scratch
+        for _ in range(1000):
+            if not reload:
+                mark = self._cursor.mark()
+                try:
+                    batches, torn = self._cursor.read(look.limit)
+                except NeedReload:
+                    reload = True
+                else:
+                    if look.check is None or not self._changed(look.check):
+                        if batches:
+                            self._apply(batches)
+                        self._seen_seq = look.seq
+                        self._last_refresh = time.monotonic()
+                        return len(batches), torn
+                    try:  # a writer published while we read: what we read may not count
+                        self._cursor.restore(mark)
+                    except NeedReload:
+                        reload = True
+                    look = self._reader_limit()
+                    continue
+            count = self._reload(look)
+            if count is not None:
+                return count, None
+            look = self._reader_limit()
+        raise Error(f"{self.path}: the shared state kept changing while reading the log")
 
-    def _reload(self, limit: Limit | None) -> int:
+    def _reload(self, look: Look) -> int | None:
         """Rebuild the view from scratch: files the cursor needed were compacted away.
         Only the view: watchers read the log with cursors of their own (watch.py), so
-        none of them is fed the difference of two states in place of the changes."""
+        none of them is fed the difference of two states in place of the changes.
+        None (nothing changed) when a writer published during an untrusted read."""
         for _ in range(100):
             cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock)
             try:
-                batches, _ = cursor.read(limit)
+                batches, _ = cursor.read(look.limit)
             except NeedReload:
                 cursor.close()
                 continue
+            if look.check is not None and self._changed(look.check):
+                cursor.close()
+                return None
             view: dict[str, Value] = {}
             for batch in batches:
                 apply(view, batch)
@@ -306,6 +355,8 @@ class Store(StoreMapping):
             self._view = view  # one reference store: readers see the old or the new view
             self._cursor.close()
             self._cursor = cursor
+            self._seen_seq = look.seq
+            self._last_refresh = time.monotonic()
             return changed
         raise Error(f"{self.path}: could not read a stable set of segments (compaction loop?)")
 
@@ -470,10 +521,14 @@ class Store(StoreMapping):
                 or end < cursor.offset or end + units > self.max_segment_bytes):
             return False
         shm.begin()
-        self._sync_follows_cursor()
-        written = os.pwrite(cursor.fd, data, end)
-        while written < len(data):  # a short write: rare, but legal
-            written += os.pwrite(cursor.fd, data[written:], end + written)
+        try:
+            self._sync_follows_cursor()
+            written = os.pwrite(cursor.fd, data, end)
+            while written < len(data):  # a short write: rare, but legal
+                written += os.pwrite(cursor.fd, data[written:], end + written)
+        except BaseException:
+            self._undo(cursor.mark(), end)
+            raise
         self._appended += 1
         shm.publish(segment, end + len(data))  # our view has not caught up: seen_seq stays
         return True
@@ -498,53 +553,88 @@ class Store(StoreMapping):
         self._wlock.release()
 
     def _sync_with_log(self) -> None:
-        """Under the writer lock: apply other processes' records and cut a torn tail.
+        """Under the writer lock: apply other processes' records, decide what a writer
+        that died left behind, cut a torn tail, and publish the result.
 
         The cheap path trusts the shared state: the counter we last saw and no writer
-        that died mid-write. Otherwise read everything to the end of the files."""
+        that died mid-write. Otherwise records past the commit point are decided once,
+        for every process (docs/protocol.md): with a trusted commit point they are
+        dropped, as readers never applied them; with an untrusted one every complete
+        record is kept, as readers read to the end of the files."""
         shm = self._shm
         if self._verified and shm.writer_may_trust():
             if shm.seq == self._seen_seq:
                 return
             seq, seg, _ = shm.snapshot() or (shm.seq, 0, 0)
-            _, torn = self._catch_up((seq, (seg, None)))
-        else:
-            intent = read_intent(self.path)
+            _, torn = self._catch_up(Look(seq, (seg, None), None))
+            if torn is not None:
+                self._cursor.truncate(torn)
+            return
+        published = shm.published()
+        if not (published is not None and shm.inflight and self._drop_unpublished(*published)):
+            self._keep_complete(trusted=published is not None)
+        self._verified = True
+        self._seen_seq = shm.publish(self._cursor.number, self._cursor.offset)
+
+    def _drop_unpublished(self, seq: int, segment: int, end: int) -> bool:
+        """A writer died between changing files and publishing: cut the log back to the
+        published point (deleting segments it started). False when the files do not
+        reach that point (then the shared state is not believed)."""
+        self._catch_up(Look(seq, (segment, end), None))
+        cursor = self._cursor
+        if not ((cursor.name is None and segment == 0 and end == 0) or (
+                cursor.number == segment and not cursor.part and cursor.offset == end)):
+            return False
+        truncate_log(self.path, segment, end)
+        if self.fsync == "always" and cursor.fd >= 0:
+            os.fsync(cursor.fd)
+        if self.format == "text":
+            clear_intent(self.path)
+        return True
+
+    def _keep_complete(self, trusted: bool) -> None:
+        """Keep every complete record: read to the end of the files and cut a torn tail.
+        An unfinished text commit (``.mpkv/txn``) is undone first; with a trusted
+        commit point the file cannot be one (commits remove it before publishing)."""
+        if self.format == "text":
+            intent = None if trusted else read_intent(self.path)
             if intent is not None:  # a text commit died half written: undo it
                 truncate_log(self.path, *intent)
                 clear_intent(self.path)
-                self._reload(None)
-            _, torn = self._catch_up((shm.seq, None))
-            self._verified = True
-            if torn is not None:
-                self._cursor.truncate(torn)
-            # Records a dead writer left unpublished are now in our view: publish them,
-            # so every process sees the same log, even if we end up writing nothing.
-            self._seen_seq = shm.publish(self._cursor.number, self._cursor.offset)
-            return
+                self._reload(Look(self._shm.seq, None, None))
+            elif trusted:
+                discard_intent(self.path)
+        _, torn = self._catch_up(Look(self._shm.seq, None, None))
         if torn is not None:
             self._cursor.truncate(torn)
 
     def _append(self, records: list[tuple[bytes, int]], ops: list[Op]) -> None:
-        """Write records at the cursor, rotating as needed, then publish. Both locks held."""
+        """Write records at the cursor, rotating as needed, then publish. Both locks held.
+        If writing fails (a full disk), the log is put back as it was and nothing is
+        published."""
         cursor = self._cursor
+        start = cursor.mark()
         self._shm.begin()
-        self._sync_follows_cursor()
-        # Where the unit starts: a reader computes the same position (watch.py).
-        first_units = records[0][1]
-        if cursor.name is None or (cursor.units and
-                                   cursor.units + first_units > self.max_segment_bytes):
-            begun = (cursor.number + 1, 0)
-        else:
-            begun = (cursor.number, cursor.offset)
-        if len(records) == 1:  # the common case, kept short
-            data, units = records[0]
-            if cursor.name is None or (
-                    cursor.units and cursor.units + units > self.max_segment_bytes):
-                self._rotate()
-            cursor.append(data, units)
-        else:
-            self._append_records(records)
+        try:
+            self._sync_follows_cursor()
+            # Where the unit starts: a reader computes the same position (watch.py).
+            first_units = records[0][1]
+            if cursor.name is None or (cursor.units and
+                                       cursor.units + first_units > self.max_segment_bytes):
+                begun = (cursor.number + 1, 0)
+            else:
+                begun = (cursor.number, cursor.offset)
+            if len(records) == 1:  # the common case, kept short
+                data, units = records[0]
+                if cursor.name is None or (
+                        cursor.units and cursor.units + units > self.max_segment_bytes):
+                    self._rotate()
+                cursor.append(data, units)
+            else:
+                self._append_records(records)
+        except BaseException:
+            self._undo(start, start[2])
+            raise
         self._appended += 1
         self._apply([ops])
         if self.format == "text":  # no framing: every line is a unit of its own
@@ -553,13 +643,30 @@ class Store(StoreMapping):
             cursor.position = (*begun, len(ops))
         self._seen_seq = self._shm.publish(cursor.number, cursor.offset)
 
+    def _undo(self, start: Mark, end: int) -> None:
+        """Put the log back as it was before a failed write: the cursor at ``start``,
+        its segment cut at ``end``, segments started since deleted; then the published
+        point is the log's end again. If even that fails, the in-flight flag stays set
+        and the next writer drops what is past the published point."""
+        cursor = self._cursor
+        number = parse_name(start[0])[0] if start[0] else 0  # type: ignore[index]
+        try:
+            cursor.restore(start)
+            truncate_log(self.path, number, end)
+            if self.format == "text":
+                clear_intent(self.path)
+            self._shm.settle()
+        except (OSError, NeedReload):
+            self._verified = False
+
     def _append_records(self, records: list[tuple[bytes, int]]) -> None:
         """Several records (a text commit, or a unit chained over segments): one write
         per segment; a text commit is bracketed by the intent file."""
         cursor = self._cursor
         intent = self.format == "text"
         if intent:
-            write_intent(self.path, cursor.number, cursor.offset, self.fsync == "always")
+            write_intent(self.path, cursor.number, cursor.offset,
+                         sum(len(data) for data, _ in records), self.fsync == "always")
         pending: list[bytes] = []  # records bound for the current segment: one write
         used = cursor.units
         for data, units in records:
@@ -614,14 +721,29 @@ class Store(StoreMapping):
         if not self.auto_compact or (self._compactor and self._compactor.is_alive()):
             return
         names = list_segments(self.path)[:-1]
-        sealed = sum(os.path.getsize(os.path.join(self.path, n)) for n in names)
+        try:
+            sealed = sum(os.path.getsize(os.path.join(self.path, n)) for n in names)
+        except FileNotFoundError:  # another process compacted meanwhile
+            return
         with self._tail_mutex:
             live = sum(len(k) + len(v) for k, v in self._view.items()) + 18 * len(self._view)
         if sealed < AUTO_COMPACT_MIN_BYTES or live > sealed * (1 - AUTO_COMPACT_GARBAGE):
             return
-        self._compactor = threading.Thread(target=self._compact, args=(False,), daemon=True,
+        self._compactor = threading.Thread(target=self._auto_compact, daemon=True,
                                            name=f"mpkv-compact {self.path}")
         self._compactor.start()
+
+    def _auto_compact(self) -> None:
+        """The automatic compaction thread: an error ends this compaction, not the store.
+        It is logged (logger ``mpkv``) and kept in ``compaction_error``; the next check
+        starts a new attempt."""
+        try:
+            self._compact(False)
+        except Exception as exc:
+            self.compaction_error = exc
+            _log.error("%s: automatic compaction failed: %s", self.path, exc, exc_info=exc)
+        else:
+            self.compaction_error = None
 
     def _sync_now(self) -> None:
         with self._sync_mutex:
@@ -729,22 +851,24 @@ class Store(StoreMapping):
     def _compact(self, wait: bool, progress: Callable[[list[str]], Iterable[str]] | None = None
                  ) -> dict[str, int]:
         """``wait=False`` (auto-compaction): give up at once if another one runs."""
-        lock = open_regular(os.path.join(self.path, AUX, COMPACT_LOCK), os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock)
+        lock = CompactionLock(os.path.join(self.path, AUX, COMPACT_LOCK))
+        if not lock.acquire(wait):
             return {}
         try:
-            compaction.tidy(self.path, self._dirlock_fd())
+            compaction.tidy(self.path, self._dirlock)
             with self._write_mutex:
                 self._lock()
                 try:
                     with self._tail_mutex:
                         self._sync_with_log()
                         if self._cursor.name is not None:  # seal, even if empty: a new b
+                            start = self._cursor.mark()
                             self._shm.begin()
-                            self._rotate()
+                            try:
+                                self._rotate()
+                            except BaseException:
+                                self._undo(start, start[2])
+                                raise
                             self._seen_seq = self._shm.publish(self._cursor.number, 0)
                         active = self._cursor.name
                 finally:
@@ -765,11 +889,11 @@ class Store(StoreMapping):
                 self._lock()
                 try:
                     compaction.switch(self.path, outputs, number, sealed,
-                                      self._dirlock_fd(), horizon[0])
+                                      self._dirlock, horizon[0])
                 finally:
                     self._unlock()
         finally:
-            os.close(lock)  # releases the flock
+            lock.release()
         return {"segments_before": len(sealed), "segments_after": len(outputs),
                 "bytes_before": before, "bytes_after": after}
 
@@ -818,9 +942,7 @@ class Store(StoreMapping):
 
     def _close_files(self) -> None:
         self._cursor.close()
-        if self._dirlock is not None:
-            os.close(self._dirlock)
-            self._dirlock = None
+        self._dirlock.close()
         self._shm.close()
         if self._wlock is not None:
             self._wlock.close()
@@ -859,3 +981,6 @@ class Transaction(TransactionMapping):
 
     def _check_op(self, key: str, encoded: Value | None) -> None:
         self._store._codec.check(key, encoded, delete=encoded is None)
+
+    def _committed_keys(self) -> Iterator[str]:
+        return iter(self._store._view)  # O(1) to the first key: popitem in a loop is linear

@@ -14,7 +14,6 @@ or not; it tells compaction which segment it still needs in ``.mpkv/readers/``.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import math
 import os
@@ -23,6 +22,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from .codec import ops_of
@@ -189,8 +189,8 @@ class LogWatcher(Iterator[Change]):
             self._finalizer = weakref.finalize(self, _release, self._store.path, None,
                                                self._cursor)
 
-    def _locked(self) -> _DirShared:
-        return _DirShared(self._store._dirlock)
+    def _locked(self) -> AbstractContextManager[None]:
+        return self._store._dirlock.shared()
 
     def _start_now(self) -> None:
         """From the store's current end: every change committed after this call."""
@@ -334,21 +334,28 @@ class LogWatcher(Iterator[Change]):
         store = self._store
         if self._pending is not None and not self._enter_start():
             return False
-        seq, limit = store._reader_limit()
+        look = store._reader_limit()
+        seq, limit = look.seq, look.limit
         cursor = self._cursor
         bound: Limit | None = limit
         if limit is not None and cursor.fd >= 0:
             room = READ_CHUNK * self._span
             if os.fstat(cursor.fd).st_size - cursor.offset > room:
                 bound = (cursor.number, cursor.offset + room)
-            else:  # the rest of this segment, then the start of the next one
-                bound = (cursor.number + 1, 0)
+            else:  # the rest of this segment, then the start of the next one(s)
+                bound = (cursor.number + self._span, 0)
             if bound >= limit:
                 bound = limit
         before = (cursor.number, cursor.offset)
         starts: list[Start] = []
+        mark = cursor.mark()
         try:
             batches, torn = cursor.read(bound, starts)
+            if look.check is not None and store._changed(look.check):
+                # A writer published while this read went to the end of the files: what
+                # it read past the commit point may be dropped (docs/protocol.md).
+                cursor.restore(mark)
+                return True
         except NeedReload:
             # Files this unregistered watcher had yet to read were compacted away: fine
             # only if every change they held was delivered already.
@@ -416,18 +423,5 @@ def unregister_reader_quietly(path: str, name: str) -> None:
         pass
 
 
-class _DirShared:
-    """The directory lock held shared: no compaction switch runs meanwhile."""
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-
-    def __enter__(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_SH)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 

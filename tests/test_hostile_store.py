@@ -440,7 +440,7 @@ def test_repair_cuts_an_unfinished_text_transaction_into_quarantine(tmp_path):
         s["b"] = "2"
     seg = os.path.join(p, segs(p)[-1])
     end = os.path.getsize(seg)
-    Path(p, ".mpkv", "txn").write_text(f"1 {end}\n")
+    Path(p, ".mpkv", "txn").write_text(f"1 {end} 21\n")  # start and length (format.md)
     with open(seg, "a") as f:  # a commit of three lines died after two
         f.write("P|t1|x\nP|t2|y\n")
     assert mpkv.verify(p).ok  # an unfinished commit is a torn tail, not damage
