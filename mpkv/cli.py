@@ -425,13 +425,24 @@ def _change_json(change: Change) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
+def _store_ready(path: str) -> bool:
+    """``_holds_store``, but a store being created (a directory holding ``.mpkv/``, its
+    metadata not written yet) is not ready rather than "not a store"."""
+    try:
+        return _holds_store(path)
+    except FormatError:
+        if os.path.isdir(os.path.join(path, AUX)) and not os.path.islink(path):
+            return False
+        raise
+
+
 def _wait_for_store(path: str, timeout: float | None) -> bool:
     """Like ``tail -F``: wait until ``path`` holds a store (its metadata written), never
     creating anything. False when ``timeout`` seconds passed first; FormatError at once
     when ``path`` is something that can never become a store."""
     started = time.monotonic()
     while True:
-        if _holds_store(path):
+        if _store_ready(path):
             return True
         if timeout is not None and time.monotonic() - started >= timeout:
             return False
@@ -440,7 +451,7 @@ def _wait_for_store(path: str, timeout: float | None) -> bool:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     since = args.since
-    if not _holds_store(str(args.path)):
+    if not _store_ready(str(args.path)):
         # Said once, like tail -F, so that whoever waits on us knows we are waiting.
         print(f"mpkv watch: waiting for {args.path} to become a store", file=sys.stderr,
               flush=True)

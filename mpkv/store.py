@@ -866,8 +866,13 @@ class Store(StoreMapping):
                     with self._tail_mutex:
                         self._sync_with_log()
                         if self._cursor.name is not None:  # seal, even if empty: a new b
+                            start = self._cursor.mark()
                             self._shm.begin()
-                            self._rotate()
+                            try:
+                                self._rotate()
+                            except BaseException:
+                                self._undo(start, start[2])
+                                raise
                             self._seen_seq = self._shm.publish(self._cursor.number, 0)
                         active = self._cursor.name
                 finally:

@@ -342,8 +342,8 @@ class LogWatcher(Iterator[Change]):
             room = READ_CHUNK * self._span
             if os.fstat(cursor.fd).st_size - cursor.offset > room:
                 bound = (cursor.number, cursor.offset + room)
-            else:  # the rest of this segment, then the start of the next one
-                bound = (cursor.number + 1, 0)
+            else:  # the rest of this segment, then the start of the next one(s)
+                bound = (cursor.number + self._span, 0)
             if bound >= limit:
                 bound = limit
         before = (cursor.number, cursor.offset)
