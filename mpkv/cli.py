@@ -111,17 +111,19 @@ def _is_redis(path: str) -> bool:
 
 def _holds_store(path: str) -> bool:
     """True when ``path`` is an existing store; raises FormatError when it is something
-    else that exists (a file, a directory of other things); False when it is missing or
-    an empty directory. Looks only: nothing is created."""
+    else that exists (a file, a directory of other things); False when it is missing,
+    an empty directory, or one with ``.mpkv/`` but no metadata (yet: a store being
+    created). Looks only: nothing is created."""
     if _is_redis(path) or os.path.isfile(os.path.join(path, AUX, META)):
         return True
     if not os.path.lexists(path):
         return False
     if not os.path.isdir(path):
         raise FormatError(f"{path}: not a directory (an mpkv store is a directory)")
-    if os.listdir(path):
+    entries = os.listdir(path)
+    if entries and AUX not in entries:
         raise FormatError(f"{path}: a directory that is not an mpkv store (no {AUX}/{META})")
-    return False
+    return False  # empty, or a store whose creator has not written its metadata yet
 
 
 def _require_store(path: str) -> None:
@@ -423,13 +425,24 @@ def _change_json(change: Change) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
+def _store_ready(path: str) -> bool:
+    """``_holds_store``, but a store being created (a directory holding ``.mpkv/``, its
+    metadata not written yet) is not ready rather than "not a store"."""
+    try:
+        return _holds_store(path)
+    except FormatError:
+        if os.path.isdir(os.path.join(path, AUX)) and not os.path.islink(path):
+            return False
+        raise
+
+
 def _wait_for_store(path: str, timeout: float | None) -> bool:
     """Like ``tail -F``: wait until ``path`` holds a store (its metadata written), never
     creating anything. False when ``timeout`` seconds passed first; FormatError at once
     when ``path`` is something that can never become a store."""
     started = time.monotonic()
     while True:
-        if _holds_store(path):
+        if _store_ready(path):
             return True
         if timeout is not None and time.monotonic() - started >= timeout:
             return False
@@ -438,7 +451,7 @@ def _wait_for_store(path: str, timeout: float | None) -> bool:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     since = args.since
-    if not _holds_store(str(args.path)):
+    if not _store_ready(str(args.path)):
         # Said once, like tail -F, so that whoever waits on us knows we are waiting.
         print(f"mpkv watch: waiting for {args.path} to become a store", file=sys.stderr,
               flush=True)
@@ -528,7 +541,7 @@ def parser() -> argparse.ArgumentParser:
                            epilog=f"example:\n  {example}")
         c.set_defaults(func=func)
         for arg, arg_help in positionals:
-            c.add_argument(arg, help=arg_help)
+            c.add_argument(arg, metavar=arg.upper(), help=arg_help)
         return c
 
     path, new_path = ("path", PATH_HELP), ("path", NEW_PATH_HELP)
@@ -580,7 +593,7 @@ def parser() -> argparse.ArgumentParser:
                    help="stop after T idle seconds")
     c = add("demo", "worker processes count words into a store they share; result checked",
             cmd_demo, "mpkv demo /tmp/demo && mpkv stats /tmp/demo/run-1")
-    c.add_argument("dir", nargs="?", default=None,
+    c.add_argument("dir", nargs="?", default=None, metavar="DIR",
                    help="an empty or missing directory to work in; each run creates a "
                    "new store in DIR/run-N (default: a new temporary directory)")
     # Listed for --help; main() hands their arguments to them directly.

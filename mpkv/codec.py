@@ -8,6 +8,7 @@ no framing beyond the newline. See docs/format.md for the byte layout.
 
 from __future__ import annotations
 
+import re
 import struct
 import sys
 import zlib
@@ -66,6 +67,9 @@ class Decoded:
     problem: str = ""
     #: True when the stop can be a torn tail (an append cut short): nothing valid follows
     torn: bool = False
+    #: bytes from ``stop`` the record there needs, when it runs past the end of the
+    #: buffer (0 otherwise): a reader of a chunk reads that much and decodes again
+    need: int = 0
 
 
 class Codec:
@@ -109,9 +113,18 @@ class Codec:
 
 # --- binary -----------------------------------------------------------------------
 
-HEADER = struct.Struct("<IIB")  # crc32, payload length, record type
+HEADER = struct.Struct("<IIB")  # crc32, payload length, record type: how every header starts
+#: Framing 2 (store format version 2) follows with these sync bytes and a CRC-32 of the
+#: length, type and sync bytes: a length can be trusted before the record is complete.
+SYNC = b"\x9d\xe3\x1f"
+HEADER_V2 = struct.Struct("<IIB3sI")
 ENTRY = struct.Struct("<BII")  # op, key length, value length
-_SINGLE = struct.Struct("<IBBII")  # length and type, then the one entry's header
+_SINGLE = struct.Struct("<IBBII")  # length and type, then the one entry's header (framing 1)
+_LTS = struct.Struct("<IB3s")  # framing 2: length, type, sync (what hcrc covers)
+_HCRC_ENTRY = struct.Struct("<IBII")  # framing 2: hcrc, then the one entry's header
+#: A resync scan checks the checksums of candidate records over at most this many bytes
+#: plus twice the data's size: linear in the data, whatever it holds.
+_RESYNC_SLACK = 1 << 20
 RECORD_OPS = 1  # entries; ends an atomic unit
 RECORD_OPS_MORE = 2  # entries; the unit continues in the next record
 RECORD_PACKED = 3  # puts of distinct keys in columns (compaction output); ends a unit
@@ -136,19 +149,45 @@ OP_PUT_STR, OP_PUT_BYTES, OP_DELETE = 1, 2, 3
 
 class BinaryCodec(Codec):
     """Length-prefixed, CRC-32-checked records. A transaction is one record, or, when it
-    cannot fit in one segment, a run of records chained by type ``RECORD_OPS_MORE``."""
+    cannot fit in one segment, a run of records chained by type ``RECORD_OPS_MORE``.
+
+    ``framing`` 2 (stores of format version 2) protects each header with its own
+    checksum and sync bytes, so a record cut short by a crash is told from damage by its
+    header alone, whatever the values hold; framing 1 (version 1 stores) has neither."""
 
     name = "binary"
+
+    def __init__(self, framing: int = 2) -> None:
+        assert framing in (1, 2)
+        self.framing = framing
+        self.hsize = HEADER_V2.size if framing == 2 else HEADER.size
+
+    def _head(self, length: int, rtype: int) -> bytes:
+        """Bytes 4 to the end of a header (what the record's CRC covers first)."""
+        if self.framing == 1:
+            return struct.pack("<IB", length, rtype)
+        lts = _LTS.pack(length, rtype, SYNC)
+        return lts + struct.pack("<I", zlib.crc32(lts))
+
+    def _head_ok(self, buf: bytes, pos: int) -> bool:
+        """Framing 2: the header at ``pos`` (all there) is one a writer wrote."""
+        _, _, _, sync, hcrc = HEADER_V2.unpack_from(buf, pos)
+        return bool(sync == SYNC and zlib.crc32(memoryview(buf)[pos + 4 : pos + 12]) == hcrc)
 
     def _encode(self, ops: list[Op], limit: int) -> list[tuple[bytes, int]]:
         if len(ops) == 1 and isinstance(ops[0][1], str):  # the common single put, faster
             k, v = ops[0][0].encode("utf-8"), ops[0][1].encode("utf-8")
-            body = _SINGLE.pack(ENTRY.size + len(k) + len(v), RECORD_OPS, OP_PUT_STR,
-                                len(k), len(v)) + k + v
+            if self.framing == 1:
+                body = _SINGLE.pack(ENTRY.size + len(k) + len(v), RECORD_OPS, OP_PUT_STR,
+                                    len(k), len(v)) + k + v
+            else:
+                lts = _LTS.pack(ENTRY.size + len(k) + len(v), RECORD_OPS, SYNC)
+                body = b"".join((lts, _HCRC_ENTRY.pack(zlib.crc32(lts), OP_PUT_STR, len(k),
+                                                        len(v)), k, v))
             record = struct.pack("<I", zlib.crc32(body)) + body
             return [(record, len(record))]
         chunks: list[list[bytes]] = [[]]
-        size = HEADER.size
+        size = self.hsize
         for key, value in ops:
             k = key.encode("utf-8")
             if value is None:
@@ -160,14 +199,14 @@ class BinaryCodec(Codec):
                 entry = ENTRY.pack(OP_PUT_BYTES, len(k), len(value)) + k + value
             if chunks[-1] and size + len(entry) > limit:
                 chunks.append([])
-                size = HEADER.size
+                size = self.hsize
             chunks[-1].append(entry)
             size += len(entry)
         records = []
         for i, chunk in enumerate(chunks):
             payload = b"".join(chunk)
             rtype = RECORD_OPS if i == len(chunks) - 1 else RECORD_OPS_MORE
-            body = struct.pack("<IB", len(payload), rtype) + payload
+            body = self._head(len(payload), rtype) + payload
             record = struct.pack("<I", zlib.crc32(body)) + body
             records.append((record, len(record)))
         return records
@@ -211,7 +250,7 @@ class BinaryCodec(Codec):
         bblob = b"".join(v for _, v in items if isinstance(v, bytes))
         payload = b"".join((PACKED.pack(len(items), len(kblob), len(sblob), len(bblob)),
                             klens.tobytes(), kinds, vlens.tobytes(), kblob, sblob, bblob))
-        body = struct.pack("<IB", len(payload), RECORD_PACKED) + payload
+        body = self._head(len(payload), RECORD_PACKED) + payload
         return struct.pack("<I", zlib.crc32(body)) + body
 
     def _packed(self, buf: bytes, pos: int, end: int) -> Puts | None:
@@ -250,10 +289,12 @@ class BinaryCodec(Codec):
     def _record_end(self, buf: bytes, pos: int) -> tuple[int, str]:
         """End offset of the valid record at ``pos``, or (-1, what is wrong with it)."""
         n = len(buf)
-        if n - pos < HEADER.size:
+        if n - pos < self.hsize:
             return -1, "incomplete record header"
         crc, length, rtype = HEADER.unpack_from(buf, pos)
-        end = pos + HEADER.size + length
+        if self.framing == 2 and not self._head_ok(buf, pos):
+            return -1, "damaged record header (sync bytes or header checksum)"
+        end = pos + self.hsize + length
         if end > n:
             return -1, f"record length {length} runs past the end of the data"
         if zlib.crc32(memoryview(buf)[pos + 4 : end]) != crc:
@@ -263,17 +304,68 @@ class BinaryCodec(Codec):
         return end, ""
 
     def next_valid(self, buf: bytes, start: int) -> int:
-        for pos in range(start + 1, len(buf)):
-            end, _ = self._record_end(buf, pos)
-            if end > 0 and self._payload(buf, pos, end) is not None:
+        """The first valid record after ``start``. Candidates are found at C speed (framing
+        2: by their sync bytes; 1: by a record type byte) and checked cheapest first; the
+        checksums of whole candidates are computed over a bounded number of bytes, so the
+        scan is linear in the data. When that budget runs out, the candidate at hand is
+        returned: it may be valid (so nothing after ``start`` is taken for a torn tail)."""
+        n = len(buf)
+        budget = 2 * n + _RESYNC_SLACK
+        if self.framing == 2:
+            at = 9  # offset of the sync bytes in a header
+            found = (m.start() - at for m in re.finditer(re.escape(SYNC), buf[start + 1 + at:]))
+            base = start + 1
+        else:
+            at = 8  # offset of the type byte
+            found = (m.start() - at for m in re.finditer(b"[\x01-\x03]", buf[start + 1 + at:]))
+            base = start + 1
+        for rel in found:
+            pos = base + rel + at
+            if n - pos < self.hsize or (self.framing == 2 and not self._head_ok(buf, pos)):
+                continue
+            length = HEADER.unpack_from(buf, pos)[1]
+            end = pos + self.hsize + length
+            if end > n:
+                continue
+            budget -= end - pos
+            if budget < 0:
                 return pos
-        return len(buf)
+            if self._record_end(buf, pos)[0] > 0 and self._payload(buf, pos, end) is not None:
+                return pos
+        return n
+
+    def _torn(self, buf: bytes, pos: int) -> tuple[bool, int]:
+        """``(torn, need)`` for a record at ``pos`` that does not decode: can the bytes from
+        ``pos`` be a write cut short, and how many bytes would the record need.
+
+        Framing 2: a crash leaves a prefix of what was written, so a partial header, or a
+        header that checks out with a length running past the end, is torn whatever the
+        bytes hold (a value holding record bytes cannot fool it). A header that checks out
+        over a complete record with a bad checksum, or a header that does not check out
+        (garbage or zeros: what a power loss can leave) is torn only when no valid record
+        follows it. A complete record with a valid checksum is never torn.
+        Framing 1: torn when no offset after ``pos`` starts a valid record."""
+        n = len(buf)
+        if n - pos < self.hsize:
+            return True, self.hsize
+        length = HEADER.unpack_from(buf, pos)[1]
+        need = self.hsize + length if pos + self.hsize + length > n else 0
+        if self.framing == 1:
+            return self.next_valid(buf, pos) == n, need
+        if not self._head_ok(buf, pos):
+            return self.next_valid(buf, pos) == n, 0
+        if need:
+            return True, need
+        end = pos + self.hsize + length
+        if zlib.crc32(memoryview(buf)[pos + 4 : end]) == HEADER.unpack_from(buf, pos)[0]:
+            return False, 0
+        return self.next_valid(buf, end - 1) == n, 0
 
     def _payload(self, buf: bytes, pos: int, end: int) -> Batch | None:
         """The ops of the record at ``pos`` (checksum already verified), None if malformed."""
         if buf[pos + 8] == RECORD_PACKED:
-            return self._packed(buf, pos + HEADER.size, end)
-        return self._entries(buf, pos + HEADER.size, end)
+            return self._packed(buf, pos + self.hsize, end)
+        return self._entries(buf, pos + self.hsize, end)
 
     def _entries(self, buf: bytes, pos: int, end: int) -> list[Op] | None:
         ops: list[Op] = []
@@ -288,6 +380,8 @@ class BinaryCodec(Codec):
                 if pos > end or op not in (OP_PUT_STR, OP_PUT_BYTES, OP_DELETE):
                     return None
                 if op == OP_DELETE:
+                    if vlen:  # a delete has no value: a writer never sets one
+                        return None
                     ops.append((key, None))
                 elif op == OP_PUT_STR:
                     ops.append((key, raw.decode("utf-8")))
@@ -300,20 +394,20 @@ class BinaryCodec(Codec):
     def decode(self, buf: bytes) -> Decoded:
         out = Decoded()
         batches, ends, units, more = out.batches, out.ends, out.units, out.more
-        pos, n = 0, len(buf)
+        pos, n, hsize = 0, len(buf), self.hsize
         view = memoryview(buf)
         head, entry, crc32 = HEADER.unpack_from, ENTRY.unpack_from, zlib.crc32
-        while pos + HEADER.size <= n:
+        while pos + hsize <= n:
             # Inlined for speed (replay of a large log is this loop); any doubt falls
             # back to the general checks below, which also say what is wrong.
             crc, length, rtype = head(buf, pos)
-            end = pos + HEADER.size + length
+            end = pos + hsize + length
             if end > n or crc32(view[pos + 4 : end]) != crc:
                 break
             ops: Batch | None = None
             if rtype in (RECORD_OPS, RECORD_OPS_MORE) and length >= ENTRY.size:
-                op, klen, vlen = entry(buf, pos + HEADER.size)
-                start = pos + HEADER.size + ENTRY.size
+                op, klen, vlen = entry(buf, pos + hsize)
+                start = pos + hsize + ENTRY.size
                 if start + klen + vlen == end and op == OP_PUT_STR:  # one put of a str
                     try:
                         ops = [(buf[start : start + klen].decode("utf-8"),
@@ -334,8 +428,7 @@ class BinaryCodec(Codec):
         if pos < n:
             end, problem = self._record_end(buf, pos)
             out.problem = problem or "malformed entries in a record with a valid checksum"
-            # A crash can leave a partial or garbled last record, but nothing valid after it.
-            out.torn = self.next_valid(buf, pos) == n
+            out.torn, out.need = self._torn(buf, pos)
         out.stop = pos
         return out
 
@@ -406,14 +499,21 @@ class TextCodec(Codec):
                 # Only a last line without its newline can be a torn append; a complete
                 # malformed line is damage wherever it is (text has no checksums).
                 out.problem, out.torn = "incomplete last line (no newline)", True
+                out.need = len(buf) - pos + 1
         out.stop = pos
         return out
 
 
-CODECS: dict[str, Codec] = {"binary": BinaryCodec(), "text": TextCodec()}
+#: The codecs of the current store format version (2).
+CODECS: dict[str, Codec] = {"binary": BinaryCodec(2), "text": TextCodec()}
+_BINARY_V1 = BinaryCodec(1)
 
 
-def codec_for(name: str) -> Codec:
+def codec_for(name: str, version: int = 2) -> Codec:
+    """The codec of format ``name`` in stores of format version ``version``: version 1
+    binary stores keep framing 1; text is the same in both."""
+    if name == "binary" and version == 1:
+        return _BINARY_V1
     try:
         return CODECS[name]
     except KeyError:

@@ -145,8 +145,8 @@ def run(base: str | None = None, out: TextIO = sys.stdout) -> bool:
     longer = [(w, n) for w, n in top if len(w) >= 8][:4]
     say(f"  top words: {', '.join(f'{w}={n}' for w, n in top[:6])}; "
         f"longer ones: {', '.join(f'{w}={n}' for w, n in longer)}")
-    say(f"  {len(docs)} transactions in {elapsed:.2f} s = {len(docs) / elapsed:,.0f} "
-        f"transactions/s across {WORKERS} processes")
+    say(f"  {len(docs)} transactions by {WORKERS} processes in {elapsed:.2f} s, starting "
+        "the processes included")
     say("  result " + ("VERIFIED: equal to a single-process count" if ok
                        else "WRONG: differs from a single-process count"))
     say(f"  look at it: mpkv stats {path}   mpkv dump {path} | head")

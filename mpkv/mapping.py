@@ -112,6 +112,10 @@ class TransactionMapping(KeyAccess, MutableMapping[str, Any]):
         """Raise TypeError/ValueError when the backend cannot store this op."""
         raise NotImplementedError
 
+    def _committed_keys(self) -> Iterator[str]:
+        """The committed keys, lazily where the backend can (``popitem`` needs one)."""
+        return iter(self._committed_items())
+
     # --- lifecycle --------------------------------------------------------------------
 
     def _live(self) -> None:
@@ -243,8 +247,9 @@ class TransactionMapping(KeyAccess, MutableMapping[str, Any]):
         found = next(((k, v) for k, v in reversed(self._writes.items()) if v is not None),
                      None)
         if found is None:
-            found = next(((k, v) for k, v in self._committed_items().items()
-                          if k not in self._writes), None)
+            key = next((k for k in self._committed_keys() if k not in self._writes), None)
+            if key is not None:
+                found = key, self._committed(key)
         if found is None:
             raise KeyError("popitem(): the store is empty")
         key, value = found

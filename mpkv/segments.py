@@ -19,11 +19,14 @@ from dataclasses import dataclass
 
 from .codec import (
     HEADER,
+    HEADER_V2,
     RECORD_OPS,
     RECORD_OPS_MORE,
     RECORD_PACKED,
+    SYNC,
     Batch,
     Codec,
+    Decoded,
     Op,
     Puts,
     codec_for,
@@ -46,7 +49,8 @@ RETAINED = "retained"  # compacted inputs a live watcher has not read yet
 HORIZON = "horizon"  # "b S O N": the last unit compaction b removed (watch positions)
 QUARANTINE = "quarantine"  # damaged bytes repair moved aside
 MAGIC = "mpkv"
-VERSION = 1
+VERSION = 2  # of the store format: 2 frames binary records with a header checksum
+VERSIONS = (1, 2)  # what this code reads and writes (a store keeps its version)
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
 #: Largest side file (meta, txn, compacted, a readers entry) mpkv reads: they hold a few
 #: dozen bytes, and one that a link or a stray writer made huge must not fill memory.
@@ -126,7 +130,7 @@ def read_switch(path: str, names: list[str] | None = None) -> Switch | None:
     file = os.path.join(path, AUX, SWITCH)
     try:
         data = read_capped(file, SWITCH_MAX_BYTES)
-    except (OSError, FormatError) as exc:
+    except OSError as exc:  # (a link or a special file: FormatError from read_capped)
         raise CorruptionError(f"{file}: unreadable compaction marker: {exc}", file, 0) from None
     if data is None:
         return None
@@ -250,10 +254,17 @@ class Meta:
     format: str
     max_segment_bytes: int
     serializer: str = "raw"  # stores created before the field existed are raw
+    version: int = VERSION  # of the store format (framing of binary records)
 
     @property
     def codec(self) -> Codec:
-        return codec_for(self.format)
+        return codec_for(self.format, self.version)
+
+    @property
+    def max_file_bytes(self) -> int:
+        """The most bytes a segment can hold: the limit counts bytes in binary stores,
+        characters (up to 4 bytes each in UTF-8) in text stores."""
+        return self.max_segment_bytes * (4 if self.format == "text" else 1)
 
 
 def read_meta(path: str) -> Meta | None:
@@ -268,8 +279,9 @@ def read_meta(path: str) -> Meta | None:
         raise FormatError(f"{file}: unreadable store metadata: {exc}") from None
     if not isinstance(raw, dict) or raw.get("magic") != MAGIC:
         raise FormatError(f"{file}: not mpkv metadata (bad magic)")
-    if raw.get("version") != VERSION:
-        raise FormatError(f"{file}: unsupported format version {raw.get('version')!r}")
+    version = raw.get("version")
+    if version not in VERSIONS or isinstance(version, bool):
+        raise FormatError(f"{file}: unsupported format version {version!r}")
     fmt, limit = raw.get("format"), raw.get("max_segment_bytes")
     if (fmt not in ("binary", "text") or not isinstance(limit, int)
             or isinstance(limit, bool) or limit < 1):
@@ -277,18 +289,20 @@ def read_meta(path: str) -> Meta | None:
     serializer = raw.get("serializer", "raw")
     if serializer not in ("raw", "json"):
         raise FormatError(f"{file}: unknown serializer {serializer!r}")
-    return Meta(fmt, limit, serializer)
+    return Meta(fmt, limit, serializer, version)
 
 
 _SNIFF_CAP = 1 << 20
 
 
-def written_format(path: str) -> tuple[str, str] | None:
-    """``(format, file)``: the format the log's first record is written in, judged from
-    its bytes, or None when no segment holds a recognisable first record. A binary
-    record is recognised by its checksum, a text one by ``P|``/``D|``; so metadata that
-    names the wrong format (edited, or lost and recreated) is caught before any writer
-    takes the other format's records for a torn tail and truncates them."""
+def written_format(path: str) -> tuple[str, str, int] | None:
+    """``(format, file, version)``: the format (and binary framing: store format
+    version) the log's first record is written in, judged from its bytes, or None when
+    no segment holds a recognisable first record. A binary record is recognised by its
+    header checksum (framing 2) or its checksum (framing 1), a text one by ``P|``/``D|``;
+    so metadata that names the wrong format (edited, or lost and recreated) is caught
+    before any writer takes the other format's records for a torn tail and truncates
+    them."""
     for name in list_segments(path):  # any segment will do: no need to judge the log
         file = os.path.join(path, name)
         try:
@@ -297,19 +311,25 @@ def written_format(path: str) -> tuple[str, str] | None:
             continue
         try:
             size = os.fstat(fd).st_size
-            head = os.pread(fd, HEADER.size, 0)
+            head = os.pread(fd, HEADER_V2.size, 0)
             if len(head) < 2:
                 continue
-            crc, length, kind = HEADER.unpack(head) if len(head) == HEADER.size else (0, 0, 0)
             text = head[:2] in (b"P|", b"D|")
-            if kind in (RECORD_OPS, RECORD_OPS_MORE, RECORD_PACKED) and (
-                    HEADER.size + length <= size):
-                if length > _SNIFF_CAP:  # too big to checksum at every open
-                    return ("text" if text else "binary"), file
-                record = os.pread(fd, HEADER.size + length, 0)
-                if zlib.crc32(record[4:]) == crc:
-                    return "binary", file
-            return ("text", file) if text else None
+            for version, hsize in ((VERSION, HEADER_V2.size), (1, HEADER.size)):
+                if len(head) < hsize:
+                    continue
+                crc, length, kind = HEADER.unpack(head[: HEADER.size])
+                if version == VERSION and (head[9:12] != SYNC
+                                           or zlib.crc32(head[4:12]) != HEADER_V2.unpack(head)[4]):
+                    continue
+                if kind in (RECORD_OPS, RECORD_OPS_MORE, RECORD_PACKED) and (
+                        hsize + length <= size):
+                    if length > _SNIFF_CAP:  # too big to checksum at every open
+                        return ("text", file, VERSION) if text else ("binary", file, version)
+                    record = os.pread(fd, hsize + length, 0)
+                    if zlib.crc32(record[4:]) == crc:
+                        return "binary", file, version
+            return ("text", file, VERSION) if text else None
         finally:
             os.close(fd)
     return None
@@ -350,7 +370,7 @@ def create_meta(path: str, meta: Meta) -> Meta:
     """
     aux = os.path.join(path, AUX)
     make_dir(aux)
-    body = {"magic": MAGIC, "version": VERSION, "format": meta.format,
+    body = {"magic": MAGIC, "version": meta.version, "format": meta.format,
             "max_segment_bytes": meta.max_segment_bytes, "serializer": meta.serializer}
     tmp = write_temp(aux, "meta.tmp.", (json.dumps(body) + "\n").encode("utf-8"))
     try:
@@ -570,6 +590,9 @@ class NeedReload(Exception):
     """Internal: files this cursor needed were compacted away; rebuild from scratch."""
 
 
+#: How many bytes of a segment a cursor reads at a time (more for a larger record).
+_CHUNK = 4 << 20
+
 #: Where a reader must stop: ``(segment number, end offset)``; end None means "to EOF".
 Limit = tuple[int, "int | None"]
 #: Where an atomic unit starts: ``(segment number, compaction part, byte offset)``.
@@ -600,11 +623,13 @@ class Cursor:
     rotates through the same cursor, so it never re-reads its own records.
     """
 
-    def __init__(self, path: str, codec: Codec, writable: bool, dirlock: DirLock) -> None:
+    def __init__(self, path: str, codec: Codec, writable: bool, dirlock: DirLock,
+                 max_bytes: int | None = None) -> None:
         self.path = path
         self.codec = codec
         self.writable = writable
         self.dirlock = dirlock
+        self.max_bytes = max_bytes  # no segment of the store can be larger (None: unchecked)
         self.retained = False  # also look in .mpkv/retained/ (a watcher needs every change)
         self.name: str | None = None
         self.folder = path  # where the current segment is
@@ -722,31 +747,54 @@ class Cursor:
             # replaced it whole (it was sealed), so it is read to its end.
             last = limit is not None and self.number >= limit[0] and not self.part
             size = os.fstat(self.fd).st_size
+            # No segment can be larger than the limit: what lies past it is read as
+            # neither records nor data (a torn tail in the newest segment, damage in any
+            # other), so a huge or sparse file costs no more than a full segment.
+            over = self.max_bytes is not None and size > self.max_bytes
+            if self.max_bytes is not None:
+                size = min(size, self.max_bytes)
             if last and limit is not None and limit[1] is not None:
                 size = min(size, limit[1])
-            start = self.offset
-            data = os.pread(self.fd, size - start, start) if size > start else b""
-            dec = self.codec.decode(data)
-            for ops, end, units, more in zip(dec.batches, dec.ends, dec.units, dec.more,
-                                             strict=True):
-                if not inside:
-                    begun = (self.number, self.part, self.offset)
-                inside = more
-                if more:
-                    pending += ops_of(ops)
+            want = _CHUNK
+            while True:  # one chunk at a time: memory stays bounded, whatever the file
+                start = self.offset
+                data = os.pread(self.fd, min(want, size - start), start) if size > start else b""
+                at_end = start + len(data) >= size or len(data) < want
+                dec = self.codec.decode(data)
+                for ops, end, units, more in zip(dec.batches, dec.ends, dec.units, dec.more,
+                                                 strict=True):
+                    if not inside:
+                        begun = (self.number, self.part, self.offset)
+                    inside = more
+                    if more:
+                        pending += ops_of(ops)
+                    else:
+                        batch = pending + ops_of(ops) if pending else ops
+                        batches.append(batch)
+                        pending = []
+                        if starts is not None:
+                            starts.append(begun)
+                        if not begun[1]:
+                            self.position = (begun[0], begun[2], len(batch.keys)
+                                             if isinstance(batch, Puts) else len(batch))
+                    self.offset = start + end
+                    self.units += units
+                    if not more:
+                        mark = (self.name, self.folder, self.offset, self.units)
+                if at_end or not dec.problem:
+                    if at_end:
+                        break
+                    want = _CHUNK
+                elif dec.stop == 0:
+                    # Stopped at the chunk's first record: it needs more bytes than the
+                    # chunk holds, or it is bad and the verdict (torn or damage) needs
+                    # the rest of the segment.
+                    want = max(dec.need, 2 * len(data)) if dec.need else size - start
                 else:
-                    batch = pending + ops_of(ops) if pending else ops
-                    batches.append(batch)
-                    pending = []
-                    if starts is not None:
-                        starts.append(begun)
-                    if not begun[1]:
-                        self.position = (begun[0], begun[2], len(batch.keys)
-                                         if isinstance(batch, Puts) else len(batch))
-                self.offset = start + end
-                self.units += units
-                if not more:
-                    mark = (self.name, self.folder, self.offset, self.units)
+                    want = max(_CHUNK, dec.need)
+            if over and not dec.problem and self.offset == self.max_bytes:
+                dec = Decoded(stop=len(data), torn=True, problem="the file runs past "
+                              f"max_segment_bytes ({self.max_bytes} bytes): not a record")
             nxt = None if last else self._next()
             beyond = nxt is not None and _beyond(nxt[0], limit)
             if nxt is not None and (dec.problem or beyond):

@@ -35,6 +35,7 @@ from .segments import (
     LOCK,
     META,
     SHM,
+    VERSION,
     Cursor,
     Limit,
     Mark,
@@ -165,10 +166,11 @@ class Store(StoreMapping):
                 if not exists:
                     raise FormatError(f"{self.path}: no store here (readonly cannot create one)")
                 return Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES,
-                            serializer or "raw")
+                            serializer or "raw", written[2] if written else VERSION)
             os.makedirs(self.path, exist_ok=True)
             meta = create_meta(self.path, Meta(fmt, max_segment_bytes or DEFAULT_MAX_SEGMENT_BYTES,
-                                               serializer or "raw"))
+                                               serializer or "raw",
+                                               written[2] if written else VERSION))
         else:
             check_written(self.path, meta.format, os.path.join(self.path, AUX, META))
         if format is not None and format != meta.format:
@@ -195,7 +197,8 @@ class Store(StoreMapping):
         self._shm = SharedState(os.path.join(aux, SHM), writable=not self.readonly)
         self._view: dict[str, Value] = {}
         self._dirlock = DirLock(os.path.join(aux, DIRLOCK), writable=not self.readonly)
-        self._cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock)
+        self._cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock,
+                              self.meta.max_file_bytes)
         self._seen_seq = -1
         self._verified = False  # has this process's writer checked the log tail once?
         self._appended = 0  # records this process appended ...
@@ -337,7 +340,8 @@ class Store(StoreMapping):
         none of them is fed the difference of two states in place of the changes.
         None (nothing changed) when a writer published during an untrusted read."""
         for _ in range(100):
-            cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock)
+            cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock,
+                            self.meta.max_file_bytes)
             try:
                 batches, _ = cursor.read(look.limit)
             except NeedReload:
@@ -862,8 +866,13 @@ class Store(StoreMapping):
                     with self._tail_mutex:
                         self._sync_with_log()
                         if self._cursor.name is not None:  # seal, even if empty: a new b
+                            start = self._cursor.mark()
                             self._shm.begin()
-                            self._rotate()
+                            try:
+                                self._rotate()
+                            except BaseException:
+                                self._undo(start, start[2])
+                                raise
                             self._seen_seq = self._shm.publish(self._cursor.number, 0)
                         active = self._cursor.name
                 finally:
@@ -976,3 +985,6 @@ class Transaction(TransactionMapping):
 
     def _check_op(self, key: str, encoded: Value | None) -> None:
         self._store._codec.check(key, encoded, delete=encoded is None)
+
+    def _committed_keys(self) -> Iterator[str]:
+        return iter(self._store._view)  # O(1) to the first key: popitem in a loop is linear

@@ -152,7 +152,7 @@ class LogWatcher(Iterator[Change]):
         self._timeout = timeout
         self._pid = os.getpid()
         self._name: str | None = f"{self._pid}-w{next(_names)}-{id(self):x}"
-        cursor = Cursor(store.path, store._codec, False, store._dirlock)
+        cursor = Cursor(store.path, store._codec, False, store._dirlock, store.meta.max_file_bytes)
         cursor.retained = True
         self._cursor = cursor
         self._finalizer = weakref.finalize(self, _release, store.path, self._name, cursor)
@@ -342,8 +342,8 @@ class LogWatcher(Iterator[Change]):
             room = READ_CHUNK * self._span
             if os.fstat(cursor.fd).st_size - cursor.offset > room:
                 bound = (cursor.number, cursor.offset + room)
-            else:  # the rest of this segment, then the start of the next one
-                bound = (cursor.number + 1, 0)
+            else:  # the rest of this segment, then the start of the next one(s)
+                bound = (cursor.number + self._span, 0)
             if bound >= limit:
                 bound = limit
         before = (cursor.number, cursor.offset)

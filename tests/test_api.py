@@ -479,3 +479,36 @@ def test_watch_yields_decoded_json_values(opener: Opener) -> None:
     first, second = next(changes), next(changes)
     assert first.value == {"x": [1, 2]} and tuple(first) == ("a", {"x": [1, 2]})
     assert second.deleted and second.value is None
+
+
+TYPED_USE = '''
+from pathlib import Path
+
+import mpkv
+
+reveal_type(mpkv.open("some/dir"))
+reveal_type(mpkv.open(Path("some/dir"), serializer="json"))
+reveal_type(mpkv.open(mpkv.RedisURL("redis://localhost:6379/0?namespace=app")))
+with mpkv.open("some/dir") as store:
+    reveal_type(store.incr("k"))
+    with store.transaction() as tx:
+        reveal_type(tx)
+mpkv.open("some/dir", serialiser="json")  # a typo an IDE now catches
+'''
+
+
+def test_type_checkers_see_store_for_paths_and_redisstore_for_redis_urls(
+        tmp_path: Path) -> None:
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("mypy is not installed")
+    (tmp_path / "use.py").write_text(TYPED_USE)
+    env = {**os.environ, "MYPYPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
+                        "--cache-dir", str(tmp_path / "cache"), "use.py"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    revealed = [line.split("Revealed type is ")[1] for line in r.stdout.splitlines()
+                if "Revealed type is" in line]
+    assert revealed == ['"mpkv.store.Store"', '"mpkv.store.Store"',
+                        '"mpkv.redis_store.RedisStore"', '"int"',
+                        '"mpkv.store.Transaction"'], r.stdout
+    assert "use.py:13: error: No overload variant" in r.stdout, r.stdout  # the typo

@@ -228,8 +228,9 @@ def test_record_over_limit(store, case):
 def test_binary_bytes_value_over_limit(tmp_path):
     p = str(tmp_path / "b")
     s = mpkv.Store(p, max_segment_bytes=LIMIT)
-    s.put("a", b"\x00" * (LIMIT - 19))  # exactly LIMIT bytes: fits
-    check_rejected(s, p, lambda: s.put("a", b"\x00" * (LIMIT - 18)), ValueError)
+    overhead = 16 + 9 + 1  # record header, entry header, key (docs/format.md)
+    s.put("a", b"\x00" * (LIMIT - overhead))  # exactly LIMIT bytes: fits
+    check_rejected(s, p, lambda: s.put("a", b"\x00" * (LIMIT - overhead + 1)), ValueError)
 
 
 def test_over_limit_on_new_store_creates_no_segment(tmp_path):

@@ -440,3 +440,52 @@ def test_stress_stream_check_catches_skips_duplicates_and_a_wrong_replay() -> No
     assert len(problems) == 2 and all("departs" in p for p in problems)
     assert any("differs" in p for p in check_streams(full[:-1], final, {}))
     assert any("increase" in p for p in check_streams(full[::-1], final, {}))
+
+
+@pytest.mark.parametrize("fmt", ["binary", "text"])
+def test_writer_positions_equal_the_positions_readers_compute(tmp_path: Path, fmt: str) -> None:
+    """A process's own writes get the position every other process reads from the log
+    -- across rotations and units chained over several segments -- so a position taken
+    by a writer resumes exactly in any other process."""
+    path = tmp_path / "s"
+    marks = tmp_path / "marks"
+    mpkv.Store(path, format=fmt, max_segment_bytes=150).close()
+    with mpkv.Store(path, readonly=True) as reader:
+        changes = reader.watch(timeout=30)
+        run_child(path, f"""
+marks = open({str(marks)!r}, "w")
+for i in range(40):
+    if i % 7 == 3:
+        with store.transaction() as tx:
+            for j in range(i % 5 + 1):
+                tx[f"t{{i}}.{{j}}"] = "v" * 30
+    elif i % 11 == 5:
+        store.update({{f"u{{i}}.{{j}}": "w" * 20 for j in range(12)}})  # spans segments
+    elif i % 3 == 0:
+        store.delete(f"k{{i - 3}}")
+    else:
+        store.put(f"k{{i}}", str(i) * (i % 9))
+    marks.write(store.position() + "\\n")
+marks.close()
+""", format=fmt)
+        expected = marks.read_text().split()
+        got: list = []
+        for change in changes:
+            got.append(change)
+            if change.position == expected[-1]:
+                break
+    positions = [c.position for c in got]
+    assert set(expected) <= set(positions), sorted(set(expected) - set(positions))[:3]
+    ends = [positions.index(p) for p in expected]  # each write's last change, in order
+    assert ends == sorted(ends) and ends[-1] == len(positions) - 1
+
+
+def test_json_store_changes_are_decoded_and_a_stored_none_is_not_a_delete(tmp_path) -> None:
+    with mpkv.Store(tmp_path / "s", serializer="json") as s:
+        changes = s.watch(timeout=0.2)
+        s["a"] = {"x": [1, 2]}
+        s["n"] = None
+        del s["a"]
+        got = list(changes)
+    assert [(c.key, c.value, c.deleted) for c in got] == [
+        ("a", {"x": [1, 2]}, False), ("n", None, False), ("a", None, True)]

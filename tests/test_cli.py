@@ -902,3 +902,16 @@ def test_json_store_through_load_get_and_dump(tmp_path: Path) -> None:
     fails(1, "put", store, "k", "v", "--serializer", "raw")  # conflicts with the store
     with mpkv.Store(store) as s:
         assert s["n"] == 3 and s.serializer == "json"
+
+
+def test_a_store_being_created_is_not_called_a_foreign_directory(tmp_path: Path) -> None:
+    """Between a creator's mkdir of .mpkv/ and its metadata, the path is not a store
+    yet, and not someone else's directory either (watch waits on exactly this)."""
+    from mpkv import cli
+
+    path = tmp_path / "s"
+    (path / ".mpkv").mkdir(parents=True)
+    assert cli._holds_store(str(path)) is False
+    r = fails(1, "get", path, "k")
+    assert "no mpkv store" in r.stderr
+    assert sorted(p.name for p in path.rglob("*")) == [".mpkv"]

@@ -318,7 +318,7 @@ def _prepare_torn_case(path, case):
     """Build a store; return (segment, record start, record end, state without the last
     record). The last record is the newest segment's last one."""
     fmt = "text" if case.startswith("text") else "binary"
-    maxseg = 4096 if case == "binary-tx50" else 200
+    maxseg = 4096 if case == "binary-tx50" else 230 if fmt == "binary" else 200
     before = {}
     with mpkv.Store(path, format=fmt, max_segment_bytes=maxseg, fsync="never") as s:
         for i in range(14):

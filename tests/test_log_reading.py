@@ -255,3 +255,182 @@ def test_open_lists_the_directory_a_bounded_number_of_times(
         s.refresh()
         assert len(s) == 400
         assert len([c for c in calls if c == str(path)]) <= 2, calls
+
+
+# ------------------------------------------------ torn tails whatever the values hold
+
+
+def _records_of(ops: list[tuple[str, object]]) -> bytes:
+    codec = mpkv.codec.CODECS["binary"]
+    return b"".join(r for op in ops for r, _ in codec.encode([op]))  # type: ignore[list-item]
+
+
+def test_value_holding_records_cut_at_every_byte_still_opens(tmp_path: Path) -> None:
+    """The last put's bytes value holds whole valid records (a user storing segment
+    files, or a hostile value). A crash cutting that put's write at any byte leaves a
+    prefix of it: the store must open with the state before the put, readonly and
+    writable, and take the next write; verify is clean."""
+    path = tmp_path / "s"
+    with mpkv.Store(path, fsync="never") as s:
+        s["a"] = "1"
+        s["b"] = b"2"
+    seg = path / list_segments(str(path))[-1]
+    before = seg.read_bytes()
+    embedded = _records_of([("evil", "x"), ("a", None), ("c", b"\x00" * 5)])
+    value = b"pad" + embedded + embedded[:20] + embedded + b"end"
+    with mpkv.Store(path, fsync="never") as s:
+        s["hostile"] = value
+    full = seg.read_bytes()
+    assert full.startswith(before)
+    want = {"a": "1", "b": b"2"}
+    for cut in range(len(before), len(full)):
+        seg.write_bytes(full[:cut])
+        (path / AUX / "shm").unlink(missing_ok=True)  # as after a reboot: read to the end
+        assert state(path, readonly=True) == want, cut
+        with mpkv.Store(path, fsync="never") as s:
+            assert dict(s.items()) == want, cut
+            s["after"] = "x"
+        assert state(path) == {**want, "after": "x"}, cut
+        assert mpkv.verify(str(path)).ok, cut
+
+
+def test_damaged_length_mid_segment_is_damage_not_a_torn_tail(tmp_path: Path) -> None:
+    """A length field damaged in the newest segment, records after it: not mistaken
+    for a record cut short (which would silently drop, then truncate, the records
+    after it), whether the length now runs past the end of the file or not."""
+    path = tmp_path / "s"
+    with mpkv.Store(path, fsync="never") as s:
+        for i in range(5):
+            s[f"k{i}"] = f"v{i}" * 10
+    seg = path / list_segments(str(path))[-1]
+    full = seg.read_bytes()
+    rec = len(full) // 5
+    for length in (1 << 30, 3, rec + 7):
+        data = bytearray(full)
+        data[2 * rec + 4 : 2 * rec + 8] = length.to_bytes(4, "little")
+        seg.write_bytes(bytes(data))
+        (path / AUX / "shm").unlink(missing_ok=True)
+        with pytest.raises(mpkv.CorruptionError, match=f"offset {2 * rec}"):
+            mpkv.Store(path, readonly=True)
+        with pytest.raises(mpkv.CorruptionError):
+            mpkv.Store(path)
+        assert seg.read_bytes() == bytes(data)  # nothing truncated
+        assert not mpkv.verify(str(path)).ok
+
+
+# ------------------------------------------------ bounded work on damaged tails
+
+
+def _count_crc_bytes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import zlib
+    counted = [0]
+    real = zlib.crc32
+
+    def crc32(data: bytes, value: int = 0) -> int:
+        counted[0] += len(data)
+        return real(data, value)
+
+    monkeypatch.setattr(zlib, "crc32", crc32)
+    return counted
+
+
+def _crafted_tail(n: int) -> bytes:
+    """Headers that all check out, every 16 bytes, each claiming a payload reaching
+    (almost) the end: a naive resync checksums O(n^2) bytes."""
+    import struct
+    import zlib
+
+    from mpkv.codec import SYNC
+    out = bytearray()
+    while len(out) + 16 <= n:
+        length = n - len(out) - 16
+        head = struct.pack("<IB", length, 1) + SYNC
+        out += struct.pack("<I", 0) + head + struct.pack("<I", zlib.crc32(head))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("kind", ["crafted", "zeros"])
+def test_resync_over_a_damaged_tail_is_linear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              kind: str) -> None:
+    """Opening a store whose newest segment ends in a crafted or zeroed tail checks
+    checksums over a number of bytes linear in the tail (it used to check a CRC at every
+    offset over the claimed length: minutes for a crafted megabyte)."""
+    path = tmp_path / "s"
+    with mpkv.Store(path, fsync="never") as s:
+        s["a"] = "1"
+    seg = path / list_segments(str(path))[-1]
+    n = 200_000 if kind == "crafted" else 4 << 20
+    tail = _crafted_tail(n) if kind == "crafted" else bytes(n)
+    seg.write_bytes(seg.read_bytes() + tail)
+    (path / AUX / "shm").unlink()
+    counted = _count_crc_bytes(monkeypatch)
+    assert state(path, readonly=True) == {"a": "1"}
+    assert counted[0] <= 4 * n + (2 << 20), counted[0]
+    counted[0] = 0
+    assert mpkv.verify(str(path)).ok
+    assert counted[0] <= 4 * n + (2 << 20), counted[0]
+
+
+def test_huge_sparse_newest_segment_is_read_within_the_segment_limit(tmp_path: Path) -> None:
+    """A 3 GiB sparse file as the newest segment (limit 1 MiB): opening reads at most
+    one segment's worth (in a child limited to 512 MiB of memory), takes it for a torn
+    tail, and the next writer cuts it."""
+    path = tmp_path / "s"
+    with mpkv.Store(path, max_segment_bytes=1 << 20) as s:
+        s["a"] = "1"
+    (path / AUX / "shm").unlink()
+    huge = path / "000000000002.seg"
+    with open(huge, "wb") as f:
+        f.truncate(3 << 30)
+    proc = run_child(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
+        import mpkv
+        with mpkv.Store({str(path)!r}, readonly=True) as s:
+            assert dict(s.items()) == {{"a": "1"}}
+        with mpkv.Store({str(path)!r}) as s:
+            s["b"] = "2"
+        print("ok")
+    """)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert huge.stat().st_size < 1 << 20
+    assert state(path) == {"a": "1", "b": "2"}
+
+
+def test_sealed_segment_over_the_limit_is_damage(tmp_path: Path) -> None:
+    """A sealed segment larger than max_segment_bytes was not written by the store,
+    even when its extra bytes are valid records: CorruptionError naming it."""
+    path = tmp_path / "s"
+    with mpkv.Store(path, max_segment_bytes=100) as s:
+        for i in range(6):
+            s[f"k{i}"] = "v" * 20
+    first = path / list_segments(str(path))[0]
+    first.write_bytes(first.read_bytes() + _records_of([("x", "y" * 60)]))
+    assert first.stat().st_size > 100
+    with pytest.raises(mpkv.CorruptionError, match=first.name):
+        mpkv.Store(path, readonly=True)
+
+
+@pytest.mark.parametrize("which", ["newest", "sealed"])
+def test_fifo_named_as_a_segment_is_refused_not_waited_on(tmp_path: Path, which: str) -> None:
+    path = tmp_path / "s"
+    with mpkv.Store(path, max_segment_bytes=60) as s:
+        for i in range(4):
+            s[f"k{i}"] = "v" * 20
+    names = list_segments(str(path))
+    fifo = path / (names[-1] if which == "newest" else names[1])
+    fifo.unlink()
+    os.mkfifo(fifo)
+    proc = run_child(f"""
+        import mpkv
+        for call in (lambda: mpkv.Store({str(path)!r}, readonly=True),
+                     lambda: mpkv.verify({str(path)!r})):
+            try:
+                call()
+            except (mpkv.FormatError, mpkv.CorruptionError) as exc:
+                assert {fifo.name!r} in str(exc), exc
+            else:
+                raise SystemExit("accepted a FIFO")
+        print("refused")
+    """)
+    assert proc.stdout.strip() == "refused", proc.stderr[-2000:]

@@ -80,7 +80,7 @@ def record(fmt, key, value):
         line = f"D|{key}\n" if value is None else f"P|{key}|{value}\n"
         return len(line), line.encode()
     v = b"" if value is None else (value if isinstance(value, bytes) else value.encode())
-    return 18 + len(key.encode()) + len(v), None
+    return 16 + 9 + len(key.encode()) + len(v), None  # record and entry headers
 
 
 class FileModel:

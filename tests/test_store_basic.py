@@ -54,13 +54,17 @@ def snapshot(path) -> dict:
     return out
 
 
+HSIZE = 16  # bytes of a binary record header (docs/format.md)
+
+
 def parse_binary(data: bytes) -> list[bytes]:
     """Split a binary segment into records, checking every header and checksum."""
     recs, pos = [], 0
     while pos < len(data):
-        assert len(data) - pos >= 9, f"short header at {pos}"
-        crc, length, rtype = struct.unpack_from("<IIB", data, pos)
-        end = pos + 9 + length
+        assert len(data) - pos >= HSIZE, f"short header at {pos}"
+        crc, length, rtype, sync, hcrc = struct.unpack_from("<IIB3sI", data, pos)
+        assert sync == b"\x9d\xe3\x1f" and zlib.crc32(data[pos + 4 : pos + 12]) == hcrc
+        end = pos + HSIZE + length
         assert end <= len(data), f"record at {pos} runs past the end"
         assert zlib.crc32(data[pos + 4 : end]) == crc, f"bad crc at {pos}"
         assert rtype == 1
@@ -72,7 +76,7 @@ def parse_binary(data: bytes) -> list[bytes]:
 def bsize(key: str, value=None) -> int:
     """Size of the binary record of one put (or, value None, one delete)."""
     v = b"" if value is None else (value if isinstance(value, bytes) else value.encode())
-    return 18 + len(key.encode()) + len(v)
+    return HSIZE + 9 + len(key.encode()) + len(v)
 
 
 def run_py(code: str, *args: str, input: bytes | None = None, timeout: float = 60) -> str:
@@ -453,16 +457,16 @@ def test_text_limit_counted_in_characters(path, mk):
 
 
 def test_binary_rotation_rule(path, mk):
-    r = bsize("k", "v")  # 20 bytes
+    r = bsize("k", "v")
     s = mk(path, max_segment_bytes=2 * r + 5)
     s.put("k", "v")
     s.put("k", "v")
     assert [len(b) for b in seg_bytes(path)] == [2 * r]
-    s.delete("k")  # 19 bytes: 59 > 45 -> new segment
+    s.delete("k")  # 2 * r + r - 1 > 2 * r + 5 -> new segment
     assert [len(b) for b in seg_bytes(path)] == [2 * r, bsize("k")]
-    s.put("k", "vvvvvvv")  # 26: 19 + 26 = 45 fits exactly
+    s.put("k", "vvvvvvv")  # (r - 1) + (r + 6) = 2 * r + 5 fits exactly
     assert [len(b) for b in seg_bytes(path)] == [2 * r, 2 * r + 5]
-    s.put("k", "")  # 19 -> new segment
+    s.put("k", "")  # r - 1 -> new segment
     assert [len(b) for b in seg_bytes(path)] == [2 * r, 2 * r + 5, bsize("k", "")]
     for b in seg_bytes(path):
         parse_binary(b)
@@ -485,7 +489,7 @@ def test_too_big_record_raises_and_writes_nothing(tmp_path, mk, fmt):
     if fmt == "text":
         s.put("", "")  # 4 characters: fits
     else:
-        s.delete("")  # 18 bytes: fits
+        s.delete("")  # bsize("") bytes: fits
     before = snapshot(p)
     with pytest.raises(ValueError):
         s.put("a", "1")
