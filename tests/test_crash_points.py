@@ -143,7 +143,7 @@ CASES = [
     CrashCase("compact-binary-one-segment-two-outputs", _filled("binary", 100, 2, 30),
               _compact(2)),
     CrashCase("compact-binary-again", _compacted_then("binary", 60), _compact(2)),
-    CrashCase("compact-binary-watched", _filled("binary", 100, 12, 20, 1, 2), _compact_watched),
+    CrashCase("compact-binary-watched", _filled("binary", 100, 6, 20, 1, 2), _compact_watched),
     CrashCase("compact-text-one-output", _filled("text", 100, 8, 8, 2, 3), _compact()),
     CrashCase("compact-text-several-outputs", _filled("text", 40, 8, 8, 1, 2), _compact(2)),
     CrashCase("compact-text-one-segment-two-outputs", _filled("text", 30, 2, 10), _compact(2)),
