@@ -372,9 +372,9 @@ def test_resync_over_a_damaged_tail_is_linear(tmp_path: Path, monkeypatch: pytes
 
 
 def test_huge_sparse_newest_segment_is_read_within_the_segment_limit(tmp_path: Path) -> None:
-    """A 3 GiB sparse file as the newest segment (limit 1 MiB): opening reads at most
-    one segment's worth (in a child limited to 512 MiB of memory), takes it for a torn
-    tail, and the next writer cuts it."""
+    """A 3 GiB sparse file as the newest segment (limit 1 MiB): opening and verify read
+    at most one segment's worth (in a child limited to 512 MiB of memory), take it for a
+    torn tail, and the next writer cuts it."""
     path = tmp_path / "s"
     with mpkv.Store(path, max_segment_bytes=1 << 20) as s:
         s["a"] = "1"
@@ -388,6 +388,7 @@ def test_huge_sparse_newest_segment_is_read_within_the_segment_limit(tmp_path: P
         import mpkv
         with mpkv.Store({str(path)!r}, readonly=True) as s:
             assert dict(s.items()) == {{"a": "1"}}
+        assert mpkv.verify({str(path)!r}).ok  # a torn tail, read no further than the limit
         with mpkv.Store({str(path)!r}) as s:
             s["b"] = "2"
         print("ok")
@@ -409,6 +410,8 @@ def test_sealed_segment_over_the_limit_is_damage(tmp_path: Path) -> None:
     assert first.stat().st_size > 100
     with pytest.raises(mpkv.CorruptionError, match=first.name):
         mpkv.Store(path, readonly=True)
+    report = mpkv.verify(str(path))
+    assert not report.ok and any(d.file == str(first) for d in report.damage)
 
 
 @pytest.mark.parametrize("which", ["newest", "sealed"])
