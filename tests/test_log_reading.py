@@ -443,3 +443,32 @@ def test_fifo_named_as_a_segment_is_refused_not_waited_on(tmp_path: Path, which:
         print("refused")
     """)
     assert proc.stdout.strip() == "refused", proc.stderr[-2000:]
+
+
+def test_version_1_store_is_still_read_and_written(tmp_path: Path) -> None:
+    """A store written by an earlier release (format version 1: binary records without
+    the header check) opens, takes writes in its own framing, compacts and verifies."""
+    import json
+
+    from mpkv.codec import BinaryCodec
+    path = tmp_path / "s"
+    (path / AUX).mkdir(parents=True)
+    (path / AUX / "meta").write_text(json.dumps(
+        {"magic": "mpkv", "version": 1, "format": "binary", "max_segment_bytes": 200}))
+    v1 = BinaryCodec(1)
+    (path / "000000000001.seg").write_bytes(b"".join(
+        r for op in [("a", "1"), ("b", b"\x00"), ("a", None), ("c", "3")]
+        for r, _ in v1.encode([op])))  # type: ignore[list-item]
+    want: dict[str, object] = {"b": b"\x00", "c": "3"}
+    assert state(path, readonly=True) == want
+    with mpkv.Store(path) as s:
+        for i in range(10):
+            s[f"k{i}"] = "v" * 30
+        s.compact()
+    want.update({f"k{i}": "v" * 30 for i in range(10)})
+    assert state(path) == want
+    assert json.loads((path / AUX / "meta").read_text())["version"] == 1
+    for name in list_segments(str(path)):
+        data = (path / name).read_bytes()
+        assert not v1.decode(data).problem, name  # every record in framing 1
+    assert mpkv.verify(str(path)).ok
