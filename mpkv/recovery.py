@@ -184,14 +184,20 @@ def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Rep
     segments = [_Segment(name, os.path.join(path, name)) for name in log]
     for i, _ in enumerate(progress(log) if progress else log):
         seg = segments[i]
-        data = _read(seg.file)
+        data, size = _read(seg.file, meta.max_file_bytes)
         report.records += _scan(meta.codec, seg, data, newest=i == len(log) - 1)
-        report.bytes += len(data)
+        report.bytes += size
+        if size > len(data):  # no writer put these bytes there (format.md)
+            seg.damage.append(Damage(seg.file, len(data), size - len(data),
+                                     f"the file runs past max_segment_bytes "
+                                     f"({meta.max_file_bytes} bytes)", torn=i == len(log) - 1))
     _whole_units(segments)
     for seg in segments:
         report.damage += seg.damage
         if fix and seg.damage:
-            data = _read(seg.file)
+            data, size = _read(seg.file, meta.max_file_bytes)
+            if size > len(data) and not seg.damage[-1].torn:
+                data += _read(seg.file, size)[0][len(data):]  # sealed: move all of it aside
             report.quarantined += _quarantine(path, seg.name, data, seg.damage)
             kept = b"".join(data[a:b] for a, b in seg.keep)
             write_atomically(seg.file, kept)
@@ -205,9 +211,11 @@ def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Rep
     return report
 
 
-def _read(file: str) -> bytes:
+def _read(file: str, cap: int) -> tuple[bytes, int]:
+    """The first ``cap`` bytes of a segment, and its size: a segment cannot be larger
+    than the store's limit, and what lies past it (a sparse or grown file) is not read."""
     with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
-        return f.read()
+        return f.read(cap), os.fstat(f.fileno()).st_size
 
 
 def _unfinished_commit(path: str, meta: Meta, fix: bool, report: Report) -> None:
@@ -245,7 +253,8 @@ def _unfinished_commit(path: str, meta: Meta, fix: bool, report: Report) -> None
         report.damage.append(Damage(file, start, length, "lines of a text transaction that "
                                     "died before its end (.mpkv/txn)", torn=True))
         if fix:
-            report.quarantined.append(_save(path, f"{name}.{start}", _read(file)[start:]))
+            report.quarantined.append(_save(path, f"{name}.{start}",
+                                                  _read(file, meta.max_file_bytes)[0][start:]))
     if fix:
         truncate_log(path, number, offset)
         clear_intent(path)
