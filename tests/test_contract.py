@@ -1456,3 +1456,15 @@ def test_cli_demo_never_writes_into_foreign_store(tmp_path: Path) -> None:
     assert after == before
     with mpkv.Store(p) as s:
         assert dict(s) == {"precious": "1"}
+
+
+def test_dangling_symlink_path_raises_format_error(tmp_path: Path) -> None:
+    # Found by this file: os.makedirs raised a bare FileExistsError, not an mpkv.Error.
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(mpkv.FormatError):
+        mpkv.Store(link)
+    assert not (tmp_path / "nowhere").exists() and link.is_symlink()
+    r = cli("put", str(link), "k", "v")
+    assert r.returncode == 1 and "link" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "nowhere").exists()
