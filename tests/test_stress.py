@@ -284,27 +284,26 @@ def test_lost_write_injected_into_a_run_is_caught(finished_run: Path, tmp_path: 
 
 def test_half_applied_transaction_injected_into_a_run_is_caught(finished_run: Path,
                                                                tmp_path: Path) -> None:
-    """The store keeps a transaction's write to one key and loses it on another: the
-    other key shows the value the transaction overwrote."""
+    """The store ends with a transaction's write on one key and, on another, the value
+    that transaction overwrote (written before it began)."""
     import mpkv
 
     cfg = _copy_run(finished_run, tmp_path / "run")
     events = _history(cfg)
-    with mpkv.Store(cfg.store, readonly=True) as s:
-        final = dict(s.items())
     ended = {e.writes[0]: e.ret for e in events if e.op == "put" and e.acked_write}
-    candidates = [(t, k, old) for t in events if t.op == "tx" and t.acked_write
-                  for k, new, old in zip(t.keys, t.writes, t.reads, strict=True)
-                  if len(t.keys) > 1 and all(final.get(x) == w for x, w in zip(t.keys, t.writes,
-                                                                             strict=True))
-                  and new is not None and ended.get(old, math.inf) < t.call]  # type: ignore[arg-type]
-    assert candidates, "no transaction left whole in the final state: run too short"
-    t, key, old = max(candidates, key=lambda c: c[0].call)
-    with mpkv.Store(cfg.store) as s:
-        s.put(key, old)  # type: ignore[arg-type]
+    candidates = [(t, a, new, b, old) for t in events if t.op == "tx" and t.acked_write
+                  for a, new in zip(t.keys, t.writes, strict=True) if new is not None
+                  for b, old in zip(t.keys, t.reads, strict=True)
+                  if b != a and ended.get(old, math.inf) < t.call]  # type: ignore[arg-type]
+    assert candidates, "no transaction overwrote an acknowledged put: run too short"
+    _, a, new, b, old = max(candidates, key=lambda c: c[0].call)
+    with mpkv.Store(cfg.store) as s, s.transaction() as tx:
+        tx[a], tx[b] = new, old  # type: ignore[assignment]
     verdict = st.check_run(cfg)
-    assert verdict.status == "FAIL" and verdict.torn, verdict
-    assert any(t.who in x and f"{key} read {old!r}" in x for x in verdict.torn), verdict.torn
+    assert verdict.status == "FAIL", verdict
+    # the cross-key check, or (when b was read after the transaction) the per-key ones
+    found = verdict.torn + verdict.lost + verdict.nonlinearizable
+    assert any(f"{b} read {old!r}" in x or x.startswith(f"{b}:") for x in found), found
 
 
 def test_damage_injected_into_a_run_is_reported_not_a_crash(finished_run: Path,
@@ -364,7 +363,7 @@ def test_single_key_run_checks_every_op() -> None:
     """One key: transactions of 1 key only; every thread lives to the end."""
     proc, m = stress("--seconds", "2", "--seed", "4", keys="1")
     assert proc.returncode == 0 and m.group(1) == "OK", proc.stdout + proc.stderr
-    assert int(m.group(2)) > 1000
+    assert int(m.group(2)) > 200
 
 
 def test_stress_torn_tails_after_kills_pass() -> None:
