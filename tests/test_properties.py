@@ -53,7 +53,8 @@ UTF8 = st.characters(codec="utf-8")  # any code point but surrogates
 TEXT_KEY_CHARS = st.characters(codec="utf-8", exclude_characters="|\n")
 TEXT_VALUE_CHARS = st.characters(codec="utf-8", exclude_characters="\n")
 
-text_keys = st.one_of(st.sampled_from(["", "a", "b", "é", "k\r"]), st.text(TEXT_KEY_CHARS, max_size=6))
+text_keys = st.one_of(st.sampled_from(["", "a", "b", "é", "k\r"]),
+                      st.text(TEXT_KEY_CHARS, max_size=6))
 text_values = st.one_of(st.sampled_from(["", "1", "|", "a|b", "\r", "\u2028"]),
                         st.text(TEXT_VALUE_CHARS, max_size=14))
 binary_keys = st.one_of(st.sampled_from(["", "a", "b", "|", "\n", "é"]), st.text(UTF8, max_size=6))
@@ -256,7 +257,8 @@ def test_snapshots_and_compaction_match_dict_model(base, fmt, limit, data):
 
 # --- the scenario functions against the same model ----------------------------------
 
-scenario_keys = st.one_of(st.sampled_from(["", "a", "b", "cc"]), st.text(TEXT_KEY_CHARS, max_size=4))
+scenario_keys = st.one_of(st.sampled_from(["", "a", "b", "cc"]),
+                          st.text(TEXT_KEY_CHARS, max_size=4))
 scenario_values = st.text(TEXT_KEY_CHARS, max_size=6)  # Part 2: no '|' or newline in either
 scenario_op = st.one_of(
     st.tuples(st.just("put"), scenario_keys, scenario_values),
@@ -303,7 +305,8 @@ def test_multi_file_restart_matches_model(before, after, extra):
 
 any_strings = st.text(UTF8, max_size=8)
 part1_op = st.one_of(
-    st.tuples(st.just("put"), st.one_of(st.sampled_from(["", "a", "|", "\n"]), any_strings), any_strings),
+    st.tuples(st.just("put"), st.one_of(st.sampled_from(["", "a", "|", "\n"]), any_strings),
+              any_strings),
     st.tuples(st.just("get"), st.one_of(st.sampled_from(["", "a", "|", "\n"]), any_strings)),
     st.tuples(st.just("delete"), st.one_of(st.sampled_from(["", "a", "|", "\n"]), any_strings)),
 )
