@@ -5,27 +5,11 @@ contents are ignored)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
+from conftest import dir_state as snapshot
 
 import mpkv
-
-
-def snapshot(path) -> dict:
-    """Every file's bytes and every directory under ``path``, recursively, ignoring
-    only ``.mpkv/shm*`` and ``.mpkv/lock*`` (the brief allows that)."""
-    out: dict = {}
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(root, d), path) + "/"] = None
-        for f in files:
-            full = os.path.join(root, f)
-            rel = os.path.relpath(full, path)
-            if Path(rel).parts[0] == ".mpkv" and (f.startswith("shm") or f.startswith("lock")):
-                continue
-            out[rel] = Path(full).read_bytes()
-    return out
 
 
 def segs(path) -> list[str]:

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import dir_state
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -35,16 +36,6 @@ def seg_bytes(path) -> list[bytes]:
     return [Path(path, f).read_bytes() for f in segs(path)]
 
 
-def snapshot(path) -> dict:
-    out = {}
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            full = os.path.join(root, f)
-            rel = os.path.relpath(full, path)
-            if Path(rel).parts[0] == ".mpkv" and (f.startswith("shm") or f.startswith("lock")):
-                continue
-            out[rel] = Path(full).read_bytes()
-    return out
 
 
 # --- strategies ---------------------------------------------------------------------
@@ -124,13 +115,13 @@ def run_sequence(base, fmt, limit, ops):
                 value = op[2] if kind == "put" else None
                 units, raw = record(fmt, key, value)
                 if not files.fits(units):
-                    before = snapshot(d)
+                    before = dir_state(d, dirs=False)
                     with pytest.raises(ValueError):
                         if kind == "put":
                             s.put(key, value)
                         else:
                             s.delete(key)
-                    assert snapshot(d) == before
+                    assert dir_state(d, dirs=False) == before
                     continue
                 if kind == "put":
                     s.put(key, value)

@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import dir_state as snapshot
 
 import mpkv
 
@@ -38,20 +39,6 @@ def seg_texts(path) -> list[str]:
     return [b.decode("utf-8") for b in seg_bytes(path)]
 
 
-def snapshot(path) -> dict:
-    """Every file's bytes under ``path`` (recursively), ignoring the shm and lock files."""
-    out: dict = {}
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(root, d), path) + "/"] = None
-        for f in files:
-            full = os.path.join(root, f)
-            rel = os.path.relpath(full, path)
-            parts = Path(rel).parts
-            if parts[0] == ".mpkv" and (f.startswith("shm") or f.startswith("lock")):
-                continue
-            out[rel] = Path(full).read_bytes()
-    return out
 
 
 HSIZE = 16  # bytes of a binary record header (docs/format.md)
