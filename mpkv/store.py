@@ -238,6 +238,12 @@ class Store(StoreMapping):
             self._close_files()
             self._open_files()
 
+    def _still_open(self) -> None:
+        """Under the write mutex: ClosedError when close() ran while this thread waited
+        for it (the descriptors are gone; using them could hit a reused number)."""
+        if self._epoch == -1:
+            raise ClosedError(f"{self.path}: store is closed")
+
     def _writable(self) -> None:
         if self._epoch != _fork_epoch[0]:
             self._check()
@@ -488,6 +494,7 @@ class Store(StoreMapping):
         assert wlock is not None
         behind = was = False
         with self._write_mutex:
+            self._still_open()
             wlock.acquire()
             try:
                 with self._tail_mutex:
@@ -786,6 +793,7 @@ class Store(StoreMapping):
                 yield inner  # type: ignore[misc]
             return
         with self._write_mutex:
+            self._still_open()
             self._lock()
             try:
                 with self._tail_mutex:
@@ -858,6 +866,7 @@ class Store(StoreMapping):
         try:
             compaction.tidy(self.path, self._dirlock)
             with self._write_mutex:
+                self._still_open()
                 self._lock()
                 try:
                     with self._tail_mutex:
@@ -887,6 +896,7 @@ class Store(StoreMapping):
             after = sum(o.size for o in outputs)
             number = parse_name(sealed[-1])[0]  # type: ignore[index]
             with self._write_mutex:
+                self._still_open()
                 self._lock()
                 try:
                     compaction.switch(self.path, outputs, number, sealed,
@@ -926,6 +936,10 @@ class Store(StoreMapping):
         """Flush (per the fsync mode) and release everything; later use raises ClosedError."""
         if self._epoch == -1:
             return
+        if self._joined() is not None:
+            # Closing would pull the descriptors from under the block's commit.
+            raise Error(f"{self.path}: close() inside an open transaction on this thread; "
+                        "leave the with block first")
         if self._epoch == _fork_epoch[0]:
             self._stop_syncer.set()
             if self._syncer is not None:
@@ -938,8 +952,9 @@ class Store(StoreMapping):
             watchers = list(self._watchers)
         for watcher in watchers:
             watcher._store_closed()
-        self._epoch = -1
-        self._close_files()
+        with self._write_mutex:  # a write in flight on another thread finishes first
+            self._epoch = -1
+            self._close_files()
 
     def _close_files(self) -> None:
         self._cursor.close()

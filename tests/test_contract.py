@@ -1468,3 +1468,52 @@ def test_dangling_symlink_path_raises_format_error(tmp_path: Path) -> None:
     r = cli("put", str(link), "k", "v")
     assert r.returncode == 1 and "link" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_close_inside_own_transaction_raises_and_commits_nothing(tmp_path: Path) -> None:
+    # Found by this file: close() inside the block closed the descriptors, and the
+    # block's exit then failed with a bare OSError (EBADF) from the commit.
+    p = tmp_path / "s"
+    s = mpkv.Store(p)
+    s["a"] = "1"
+    with pytest.raises(mpkv.Error), s.transaction() as tx:
+        tx["k"] = "1"
+        s.close()
+    assert dict(s) == {"a": "1"}
+    s["b"] = "2"
+    s.close()
+    with pytest.raises(mpkv.ClosedError):
+        s.get("a")
+    with mpkv.Store(p) as again:
+        assert dict(again) == {"a": "1", "b": "2"}
+
+
+def test_close_from_another_thread_waits_for_an_open_transaction(tmp_path: Path) -> None:
+    # Found by this file: close() on thread B while thread A was inside a transaction
+    # closed A's descriptors; A's commit then failed with EBADF (or could write to
+    # whatever file reused the descriptor number).
+    p = tmp_path / "s"
+    s = mpkv.Store(p)
+    inside = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with s.transaction() as tx:
+                tx["a"] = "1"
+                inside.set()
+                time.sleep(0.5)  # close() is called meanwhile
+                tx["b"] = "2"
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert inside.wait(30)
+    s.close()
+    t.join(30)
+    assert errors == []
+    with pytest.raises(mpkv.ClosedError):
+        s.put("c", "3")
+    with mpkv.Store(p) as again:
+        assert dict(again) == {"a": "1", "b": "2"}
