@@ -1523,3 +1523,31 @@ def test_close_from_another_thread_waits_for_an_open_transaction(tmp_path: Path)
         s.put("c", "3")
     with mpkv.Store(p) as again:
         assert dict(again) == {"a": "1", "b": "2"}
+
+
+def test_lock_timeout_applies_to_threads_sharing_one_store(tmp_path: Path) -> None:
+    # Found by this file: a second thread of the same Store waited for the holder's
+    # transaction however long it took, ignoring lock_timeout.
+    with mpkv.Store(tmp_path / "s", lock_timeout=0.2) as s:
+        inside, leave = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with s.transaction() as tx:
+                tx["a"] = "1"
+                inside.set()
+                leave.wait(30)
+
+        t = threading.Thread(target=holder)
+        t.start()
+        try:
+            assert inside.wait(30)
+            before = log_bytes(tmp_path / "s")
+            with pytest.raises(mpkv.LockTimeout):
+                s.put("b", "2")
+            with pytest.raises(mpkv.LockTimeout), s.transaction() as tx:
+                tx["c"] = "3"
+            assert log_bytes(tmp_path / "s") == before
+        finally:
+            leave.set()
+            t.join(30)
+        assert dict(s) == {"a": "1"}
