@@ -1604,3 +1604,16 @@ def test_readonly_and_cli_watchers_see_every_change_across_compaction(tmp_path: 
         assert values == [str(i) for i in range(300)]
     else:
         assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_text_limit_in_characters_survives_reopen(tmp_path: Path) -> None:
+    # 'P|é|€\n' is 6 characters but 9 bytes: after a reopen the last file still has
+    # room for 6 more characters of a 12-character limit.
+    p = tmp_path / "s"
+    with mpkv.Store(p, format="text", max_segment_bytes=12) as s:
+        s["é"] = "€"
+    with mpkv.Store(p) as s:
+        s["ü"] = "€"
+    assert log_text(p) == ["P|é|€\nP|ü|€\n"]
+    assert multi_file_restart(12, [("put", "é", "€")], [("put", "ü", "€"), ("get", "é")]) == (
+        ["€"], ["P|é|€\nP|ü|€\n"], [("é", "€"), ("ü", "€")])
