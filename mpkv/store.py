@@ -6,6 +6,12 @@ other processes appended, appends its own record, publishes the new commit point
 the shared state file and releases the lock. A read compares one shared counter with
 the one it last saw and tails the log only when they differ. docs/protocol.md has the
 whole protocol; docs/format.md the bytes.
+
+This module holds the view, the read path, transactions and the public API, and wires
+the pieces below it: the log writer (writer.py: appending, rotation, undo of a failed
+write), durability (durability.py: fsync modes, the periodic syncer), the locks and the
+shared state. It also decides when to start an automatic compaction and reopens
+everything in a forked child.
 """
 
 from __future__ import annotations
