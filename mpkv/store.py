@@ -217,10 +217,14 @@ class Store(StoreMapping):
         except BaseException:
             self._close_files()
             raise
-        self._q = self._shm.slots
+        # _q and _lazy are replaced under the tail mutex when the shared state file
+        # appears (``_remapped``) and read without a lock by the hot paths.
+        self._q = self._shm.slots  # the shared state's slots, for a one-load counter check
         # Reads must do more than compare the counter: check the clock, or (no shared
         # state to watch) read the log.
         self._lazy = self.max_staleness != 0 or not self._shm.backed
+        #: fork_epoch when the files were opened; -1 once closed. Written by open, close
+        #: and the first call in a forked child; read without a lock by every call.
         self._epoch = fork_epoch[0]
 
     def _check(self) -> None:
