@@ -232,7 +232,10 @@ def _unfinished_commit(path: str, meta: Meta, fix: bool, report: Report) -> None
         problem = "a transaction intent that cannot apply to this store's files"
     except (CorruptionError, FormatError) as exc:  # damage, never an instruction
         intent, problem = None, str(exc)
-    names = list_log(path)
+    try:
+        names = list_log(path)
+    except CorruptionError:  # a gap or a bad marker: reported (and handled) later
+        names = list_segments(path)
     target = segment_name(intent[0]) if intent is not None else ""
     size = os.path.getsize(os.path.join(path, target)) if target in names else -1
     if intent is None or not 0 <= intent[1] <= size:

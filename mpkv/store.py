@@ -294,7 +294,8 @@ class Store(StoreMapping):
             return look
         seq, limit = look.seq, look.limit
         assert limit is not None
-        names = list_log(self.path)
+        with self._dirlock.shared():  # never a compaction's switch halfway (a gap)
+            names = list_log(self.path)
         if not names:
             return look
         number = parse_name(names[-1])[0]  # type: ignore[index]

@@ -257,9 +257,10 @@ class LogWatcher(Iterator[Change]):
         """Is appended segment ``number`` "present" (log or retained), "compacted",
         "next" (not written yet: the log ends before it) or "future" (beyond that)?"""
         kept = os.path.join(self._store.path, AUX, RETAINED)
-        names = list_log(self._store.path)
-        if os.path.isdir(kept):
-            names += list_segments(kept)
+        with self._store._dirlock.shared():  # never a compaction's switch halfway (a gap)
+            names = list_log(self._store.path)
+            if os.path.isdir(kept):
+                names += list_segments(kept)
         parsed = [p for p in map(parse_name, names) if p is not None]
         if (number, 0) in parsed:
             return "present"
