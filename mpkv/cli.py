@@ -406,9 +406,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {}
     if not _holds_store(str(args.path)):
-        snapshot.read(args.file)  # a bad file must not leave a new empty store behind
-    with _open(args, create=True) as store:
+        # Read first: a bad file must not leave a new empty store behind; and the new
+        # store gets the serializer that encoded the snapshot's values.
+        options["serializer"] = snapshot.read(args.file).serializer
+    with _open(args, create=True, **options) as store:
         store.deserialize(args.file)
     return 0
 

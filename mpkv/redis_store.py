@@ -839,7 +839,8 @@ class RedisStore(StoreMapping):
     def serialize(self, file_path: str | os.PathLike[str]) -> None:
         """Write the current state (one atomic HGETALL) to one file, atomically (a link
         at ``file_path`` is followed, as ``Store.serialize`` does)."""
-        snapshot.write(os.fspath(file_path), snapshot.encode(self._server_items()))
+        snapshot.write(os.fspath(file_path),
+                       snapshot.encode(self._server_items(), self._serializer.name))
 
     def _server_items(self) -> dict[str, Value]:
         self._check()
@@ -851,15 +852,10 @@ class RedisStore(StoreMapping):
         client sees all old or all new. ValueError/TypeError (nothing written) when a
         value does not suit this store (e.g. not JSON text for a JSON store)."""
         self._writable()
-        items = snapshot.read(os.fspath(file_path))
+        items = snapshot.read_for(os.fspath(file_path), self._serializer)
         for key, value in items.items():
             _enc_key(key)
             _enc_value(value)
-            if not self._serializer.identity:
-                if not isinstance(value, str):
-                    raise TypeError(f"{os.fspath(file_path)}: value of {key!r} is bytes, "
-                                    "not JSON text (this store's serializer is 'json')")
-                self._serializer.decode(value)  # ValueError when it is not JSON
         with self.transaction() as tx:
             current = self._server_items()
             for key in current:

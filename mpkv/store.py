@@ -673,21 +673,17 @@ class Store(StoreMapping):
         0666 minus the umask. A symbolic link at ``file_path`` is followed on purpose (it
         is the caller's path, as with a shell's ``>``): the file it points to is replaced
         and the link stays."""
-        snapshot.write(os.fspath(file_path), snapshot.encode(self._copy()))
+        snapshot.write(os.fspath(file_path),
+                       snapshot.encode(self._copy(), self._serializer.name))
 
     def deserialize(self, file_path: str | os.PathLike[str]) -> None:
         """Replace the whole contents with the file's state, as one transaction: every
         process sees all old or all new. ValueError/TypeError (nothing written) when a
         value does not suit this store (e.g. not JSON text for a JSON store)."""
         self._writable()
-        items = snapshot.read(os.fspath(file_path))
+        items = snapshot.read_for(os.fspath(file_path), self._serializer)
         for key, value in items.items():
             self._codec.check(key, value)
-            if self._decode_value is not None:
-                if not isinstance(value, str):
-                    raise TypeError(f"{os.fspath(file_path)}: value of {key!r} is bytes, "
-                                    "not JSON text (this store's serializer is 'json')")
-                self._decode_value(value)  # ValueError when it is not JSON
         with self.transaction() as tx:
             for key in list(self._view):
                 if key not in items:

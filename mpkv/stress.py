@@ -73,6 +73,10 @@ MAX_ERRORS = 20  # exceptions after which a worker thread gives up
 MIN_OPS_PER_THREAD = 20  # a run with fewer operations than this per thread proves nothing
 KILLS = "kills.log"  # in the history folder: one JSON line per SIGKILL, {"proc", "t"}
 WATCH_LAG = 10.0  # seconds a worker's watcher waits before reading (at most a third of a run)
+# Each worker incarnation works at least this long once its store is open, even past the
+# run's deadline: on a loaded machine a spawned process can take longer to start than a
+# short run lasts, and a run whose workers never got going proves nothing.
+MIN_WORK_NS = 500_000_000
 STREAM = ".stream"  # in the history folder: a watcher's changes, {"p", "k", "v"} lines
 
 
@@ -270,6 +274,7 @@ def worker(cfg: Config, proc: int, incarnation: int, deadline: int) -> None:
     name = f"p{proc}i{incarnation}"
     try:
         store = cfg.open()
+        deadline = max(deadline, time.monotonic_ns() + MIN_WORK_NS)
         threads = [threading.Thread(target=_thread_loop,
                                     args=(cfg, store, f"{name}t{t}", deadline))
                    for t in range(cfg.threads)]

@@ -329,3 +329,27 @@ def crash_points(case: CrashCase, workdir: str) -> tuple[int, list[str]]:
         problems += [f"{case.name} k={k}/{total}: {p}" for p in found]
         shutil.rmtree(work, ignore_errors=True)
     return total, problems
+
+
+# ============================================================================
+# Directory state: what a rejected call must leave exactly as it was
+# ============================================================================
+
+
+def dir_state(path: str | os.PathLike[str], *, dirs: bool = True) -> dict[str, bytes | None]:
+    """Every file's bytes under ``path`` (recursively) and, with ``dirs``, every folder
+    (as ``"name/": None``), ignoring only ``.mpkv/shm*`` and ``.mpkv/lock*``: the shared
+    state and lock files change on any open, which is allowed."""
+    out: dict[str, bytes | None] = {}
+    for root, folders, files in os.walk(path):
+        if dirs:
+            for d in folders:
+                out[os.path.relpath(os.path.join(root, d), path) + "/"] = None
+        for f in files:
+            full = os.path.join(root, f)
+            rel = os.path.relpath(full, path)
+            if rel.split(os.sep)[0] == ".mpkv" and f.startswith(("shm", "lock")):
+                continue
+            with _real_open(full, "rb") as fh:
+                out[rel] = fh.read()
+    return out

@@ -221,6 +221,33 @@ def test_deserialize_refuses_a_snapshot_that_is_not_json_for_a_json_store(
     assert dict(s.items()) == {"keep": [1]}
 
 
+def test_snapshot_of_a_json_store_restores_objects_and_a_raw_store_refuses_it(
+        opener: Opener, tmp_path: Path) -> None:
+    s = opener(serializer="json")
+    s["user"] = {"name": "ada", "tags": ["x"]}
+    s.serialize(tmp_path / "snap")
+    fresh = opener(serializer="json")
+    fresh.deserialize(tmp_path / "snap")
+    assert fresh["user"] == {"name": "ada", "tags": ["x"]}
+    # A raw store would hold the JSON text as strings: refused, nothing written.
+    raw = mpkv.Store(tmp_path / "raw")
+    raw["keep"] = "1"
+    with pytest.raises(ValueError, match="serializer"):
+        raw.deserialize(tmp_path / "snap")
+    assert dict(raw.items()) == {"keep": "1"}
+    raw.close()
+
+
+def test_version_1_snapshot_is_still_read(tmp_path: Path) -> None:
+    import struct
+    import zlib
+    body = struct.pack("<8sIQ", b"MPKVSNAP", 1, 1) + struct.pack("<BII", 1, 1, 3) + b"k[1]"
+    (tmp_path / "v1").write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    with mpkv.Store(tmp_path / "s", serializer="json") as s:
+        s.deserialize(tmp_path / "v1")
+        assert s["k"] == [1]
+
+
 # --- incr -------------------------------------------------------------------------------
 
 

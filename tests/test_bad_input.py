@@ -5,27 +5,11 @@ contents are ignored)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
+from conftest import dir_state as snapshot
 
 import mpkv
-
-
-def snapshot(path) -> dict:
-    """Every file's bytes and every directory under ``path``, recursively, ignoring
-    only ``.mpkv/shm*`` and ``.mpkv/lock*`` (the brief allows that)."""
-    out: dict = {}
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(root, d), path) + "/"] = None
-        for f in files:
-            full = os.path.join(root, f)
-            rel = os.path.relpath(full, path)
-            if Path(rel).parts[0] == ".mpkv" and (f.startswith("shm") or f.startswith("lock")):
-                continue
-            out[rel] = Path(full).read_bytes()
-    return out
 
 
 def segs(path) -> list[str]:
@@ -63,7 +47,7 @@ def check_rejected(s, p, action, exc):
     s.close()
     s2 = mpkv.Store(p)
     try:
-        assert sorted(s2.items()) == sorted(items + [("ok", "1")])
+        assert sorted(s2.items()) == sorted([*items, ("ok", "1")])
     finally:
         s2.close()
 
@@ -286,9 +270,8 @@ def test_path_is_a_regular_file(tmp_path, opts):
     before = snapshot(tmp_path)
     with pytest.raises(mpkv.FormatError):
         mpkv.Store(str(f), **opts)
-    with pytest.raises(mpkv.FormatError):
-        with mpkv.open(str(f), **opts):
-            pass
+    with pytest.raises(mpkv.FormatError), mpkv.open(str(f), **opts):
+        pass
     assert f.read_bytes() == b"precious data\n"
     assert snapshot(tmp_path) == before  # nothing created next to it either
 
@@ -349,9 +332,8 @@ def test_conflicting_options_on_reopen(tmp_path, created, reopened):
     before = snapshot(p)
     with pytest.raises(ValueError):
         mpkv.Store(p, **reopened)
-    with pytest.raises(ValueError):
-        with mpkv.open(p, **reopened):
-            pass
+    with pytest.raises(ValueError), mpkv.open(p, **reopened):
+        pass
     with pytest.raises(ValueError):
         mpkv.Store(p, readonly=True, **reopened)
     assert snapshot(p) == before

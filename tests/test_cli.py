@@ -590,6 +590,15 @@ def test_restore_of_a_bad_file_into_a_new_path_creates_nothing(tmp_path: Path) -
     assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists()
 
 
+def test_restore_of_a_json_backup_into_a_new_path_keeps_the_objects(tmp_path: Path) -> None:
+    with mpkv.Store(tmp_path / "s", serializer="json") as s:
+        s["user"] = {"name": "ada"}
+    ok("backup", tmp_path / "s", tmp_path / "snap")
+    ok("restore", tmp_path / "new", tmp_path / "snap")
+    with mpkv.Store(tmp_path / "new", readonly=True) as s:
+        assert s.serializer == "json" and s["user"] == {"name": "ada"}
+
+
 def test_load_of_a_bad_first_line_into_a_new_path_creates_nothing(tmp_path: Path) -> None:
     fails(1, "load", tmp_path / "new", input="{oops\n")
     assert not (tmp_path / "new").exists()

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import dir_state
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -35,16 +36,6 @@ def seg_bytes(path) -> list[bytes]:
     return [Path(path, f).read_bytes() for f in segs(path)]
 
 
-def snapshot(path) -> dict:
-    out = {}
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            full = os.path.join(root, f)
-            rel = os.path.relpath(full, path)
-            if Path(rel).parts[0] == ".mpkv" and (f.startswith("shm") or f.startswith("lock")):
-                continue
-            out[rel] = Path(full).read_bytes()
-    return out
 
 
 # --- strategies ---------------------------------------------------------------------
@@ -53,7 +44,8 @@ UTF8 = st.characters(codec="utf-8")  # any code point but surrogates
 TEXT_KEY_CHARS = st.characters(codec="utf-8", exclude_characters="|\n")
 TEXT_VALUE_CHARS = st.characters(codec="utf-8", exclude_characters="\n")
 
-text_keys = st.one_of(st.sampled_from(["", "a", "b", "é", "k\r"]), st.text(TEXT_KEY_CHARS, max_size=6))
+text_keys = st.one_of(st.sampled_from(["", "a", "b", "é", "k\r"]),
+                      st.text(TEXT_KEY_CHARS, max_size=6))
 text_values = st.one_of(st.sampled_from(["", "1", "|", "a|b", "\r", "\u2028"]),
                         st.text(TEXT_VALUE_CHARS, max_size=14))
 binary_keys = st.one_of(st.sampled_from(["", "a", "b", "|", "\n", "é"]), st.text(UTF8, max_size=6))
@@ -123,13 +115,13 @@ def run_sequence(base, fmt, limit, ops):
                 value = op[2] if kind == "put" else None
                 units, raw = record(fmt, key, value)
                 if not files.fits(units):
-                    before = snapshot(d)
+                    before = dir_state(d, dirs=False)
                     with pytest.raises(ValueError):
                         if kind == "put":
                             s.put(key, value)
                         else:
                             s.delete(key)
-                    assert snapshot(d) == before
+                    assert dir_state(d, dirs=False) == before
                     continue
                 if kind == "put":
                     s.put(key, value)
@@ -256,7 +248,8 @@ def test_snapshots_and_compaction_match_dict_model(base, fmt, limit, data):
 
 # --- the scenario functions against the same model ----------------------------------
 
-scenario_keys = st.one_of(st.sampled_from(["", "a", "b", "cc"]), st.text(TEXT_KEY_CHARS, max_size=4))
+scenario_keys = st.one_of(st.sampled_from(["", "a", "b", "cc"]),
+                          st.text(TEXT_KEY_CHARS, max_size=4))
 scenario_values = st.text(TEXT_KEY_CHARS, max_size=6)  # Part 2: no '|' or newline in either
 scenario_op = st.one_of(
     st.tuples(st.just("put"), scenario_keys, scenario_values),
@@ -303,7 +296,8 @@ def test_multi_file_restart_matches_model(before, after, extra):
 
 any_strings = st.text(UTF8, max_size=8)
 part1_op = st.one_of(
-    st.tuples(st.just("put"), st.one_of(st.sampled_from(["", "a", "|", "\n"]), any_strings), any_strings),
+    st.tuples(st.just("put"), st.one_of(st.sampled_from(["", "a", "|", "\n"]), any_strings),
+              any_strings),
     st.tuples(st.just("get"), st.one_of(st.sampled_from(["", "a", "|", "\n"]), any_strings)),
     st.tuples(st.just("delete"), st.one_of(st.sampled_from(["", "a", "|", "\n"]), any_strings)),
 )

@@ -134,11 +134,11 @@ def test_part2_empty_strings():
 
 def test_part1_any_strings_survive():
     odd = ["", "|", "\n", "a|b\nc", "é", "\u2028", "\r\n", "\x00", "🙂" * 3, "x" * 100]
-    before = [("put", k, v) for k, v in zip(odd, reversed(odd))]
+    before = [("put", k, v) for k, v in zip(odd, reversed(odd), strict=True)]
     after = [("get", k) for k in odd] + [("delete", "|"), ("get", "|"), ("get", "nope")]
     gets, items = single_file_restart(before, after)
-    assert gets == list(reversed(odd)) + [None, None]
-    expected = {k: v for k, v in zip(odd, reversed(odd))}
+    assert gets == [*reversed(odd), None, None]
+    expected = dict(zip(odd, reversed(odd), strict=True))
     del expected["|"]
     assert items == sorted(expected.items())
 
