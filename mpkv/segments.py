@@ -349,6 +349,10 @@ def check_store_dir(path: str) -> bool:
     ``.mpkv`` and its folders must be real directories, never links: files mpkv
     creates, truncates or deletes in them must stay inside the store."""
     if not os.path.exists(path):
+        if os.path.islink(path):
+            # Creating the directory would fail (the name is taken) or land wherever the
+            # link points: refuse clearly instead.
+            raise FormatError(f"{path}: a symbolic link to nothing (not an mpkv store)")
         return False
     if not os.path.isdir(path):
         raise FormatError(f"{path}: not a directory (an mpkv store is a directory)")

@@ -223,8 +223,9 @@ class Store(StoreMapping):
         # Reads must do more than compare the counter: check the clock, or (no shared
         # state to watch) read the log.
         self._lazy = self.max_staleness != 0 or not self._shm.backed
-        #: fork_epoch when the files were opened; -1 once closed. Written by open, close
-        #: and the first call in a forked child; read without a lock by every call.
+        #: fork_epoch when the files were opened; -1 once closed (``close`` writes that
+        #: under the write mutex, which writers check again once they hold it). Written
+        #: by open and the first call in a forked child; read without a lock by every call.
         self._epoch = fork_epoch[0]
 
     def _check(self) -> None:
@@ -239,6 +240,12 @@ class Store(StoreMapping):
             self._watchers = weakref.WeakSet()
             self._close_files()
             self._open_files()
+
+    def _still_open(self) -> None:
+        """Under the write mutex: ClosedError when close() ran while this thread waited
+        for it (the descriptors are gone; using them could hit a reused number)."""
+        if self._epoch == -1:
+            raise ClosedError(f"{self.path}: store is closed")
 
     def _writable(self) -> None:
         if self._epoch != fork_epoch[0]:
@@ -490,6 +497,7 @@ class Store(StoreMapping):
         assert wlock is not None
         behind = was = False
         with self._write_mutex:
+            self._still_open()
             wlock.acquire()
             try:
                 with self._tail_mutex:
@@ -639,6 +647,7 @@ class Store(StoreMapping):
                 yield inner  # type: ignore[misc]
             return
         with self._write_mutex:
+            self._still_open()
             self._lock()
             try:
                 with self._tail_mutex:
@@ -711,6 +720,7 @@ class Store(StoreMapping):
         try:
             compaction.tidy(self.path, self._dirlock)
             with self._write_mutex:
+                self._still_open()
                 self._lock()
                 try:
                     with self._tail_mutex:
@@ -733,6 +743,7 @@ class Store(StoreMapping):
             after = sum(o.size for o in outputs)
             number = parse_name(sealed[-1])[0]  # type: ignore[index]
             with self._write_mutex:
+                self._still_open()
                 self._lock()
                 try:
                     compaction.switch(self.path, outputs, number, sealed,
@@ -772,6 +783,10 @@ class Store(StoreMapping):
         """Flush (per the fsync mode) and release everything; later use raises ClosedError."""
         if self._epoch == -1:
             return
+        if self._joined() is not None:
+            # Closing would pull the descriptors from under the block's commit.
+            raise Error(f"{self.path}: close() inside an open transaction on this thread; "
+                        "leave the with block first")
         if self._epoch == fork_epoch[0]:
             self._durability.stop()
         if self._compactor is not None:
@@ -780,8 +795,9 @@ class Store(StoreMapping):
             watchers = list(self._watchers)
         for watcher in watchers:
             watcher._store_closed()
-        self._epoch = -1
-        self._close_files()
+        with self._write_mutex:  # a write in flight on another thread finishes first
+            self._epoch = -1
+            self._close_files()
 
     def _close_files(self) -> None:
         self._cursor.close()
