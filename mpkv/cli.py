@@ -351,6 +351,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         live_bytes = _live_bytes(store, live)
         print(f"path: {store.path}")
         print(f"format: {store.format}")
+        print(f"serializer: {store.serializer}")
         print(f"max_segment_bytes: {store.max_segment_bytes}")
         print(f"segments: {report.segments}")
         print(f"records: {report.records}")

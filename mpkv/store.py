@@ -33,7 +33,7 @@ from . import compaction, snapshot
 from .codec import Batch, Op, Value, apply
 from .common import check_options, fork_epoch
 from .durability import Durability
-from .errors import ClosedError, Error, FormatError, ReadOnlyError
+from .errors import ClosedError, Error, FormatError, LockTimeout, ReadOnlyError
 from .locks import CompactionLock, DirLock, WriterLock
 from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint
 from .segments import (
@@ -240,6 +240,21 @@ class Store(StoreMapping):
             self._watchers = weakref.WeakSet()
             self._close_files()
             self._open_files()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The write mutex, waited for within ``lock_timeout`` like the writer lock of
+        the file (a thread of this process holding it is as much a writer as another
+        process), then ClosedError if close() ran meanwhile."""
+        timeout = -1 if self.lock_timeout is None else self.lock_timeout
+        if not self._write_mutex.acquire(timeout=timeout):
+            raise LockTimeout(f"{self.path}: writer lock not acquired within "
+                              f"{self.lock_timeout} s (held by another thread)")
+        try:
+            self._still_open()
+            yield
+        finally:
+            self._write_mutex.release()
 
     def _still_open(self) -> None:
         """Under the write mutex: ClosedError when close() ran while this thread waited
@@ -496,8 +511,7 @@ class Store(StoreMapping):
         wlock = self._wlock
         assert wlock is not None
         behind = was = False
-        with self._write_mutex:
-            self._still_open()
+        with self._writing():
             wlock.acquire()
             try:
                 with self._tail_mutex:
@@ -646,8 +660,7 @@ class Store(StoreMapping):
             with savepoint(self, outer) as inner:
                 yield inner  # type: ignore[misc]
             return
-        with self._write_mutex:
-            self._still_open()
+        with self._writing():
             self._lock()
             try:
                 with self._tail_mutex:
