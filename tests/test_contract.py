@@ -1551,3 +1551,56 @@ def test_lock_timeout_applies_to_threads_sharing_one_store(tmp_path: Path) -> No
             leave.set()
             t.join(30)
         assert dict(s) == {"a": "1"}
+
+
+@pytest.mark.parametrize("fmt", ["binary", "text"])
+def test_failed_write_file_too_large_leaves_log_as_before(tmp_path: Path, fmt: str) -> None:
+    # A real failed write: RLIMIT_FSIZE makes the kernel refuse bytes past 150 (EFBIG).
+    p = tmp_path / "s"
+    with mpkv.Store(p, format=fmt) as s:
+        s["a"] = "1" * 100
+    before = [(f.name, f.read_bytes()) for f in segs(p)]
+    code = (
+        "import mpkv, resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "s = mpkv.Store(sys.argv[1])\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (150, 150))\n"
+        "for write in (lambda: s.put('b', 'x' * 1000),\n"
+        "              lambda: s.update({'c': 'y' * 30, 'd': 'z' * 40})):\n"
+        "    try:\n"
+        "        write()\n"
+        "        print('no error')\n"
+        "    except OSError:\n"
+        "        print('raised')\n"
+        "print(sorted(s))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.splitlines() == ["raised", "raised", "['a']"], r.stderr
+    assert [(f.name, f.read_bytes()) for f in segs(p)] == before
+    with mpkv.Store(p) as s:
+        assert dict(s) == {"a": "1" * 100}
+        s["e"] = "5"
+        assert s["e"] == "5"
+
+
+def test_readonly_and_cli_watchers_see_every_change_across_compaction(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    with mpkv.Store(p, max_segment_bytes=300, auto_compact=False) as w:
+        pos = w.position()
+        with mpkv.Store(p, readonly=True) as r:
+            changes = r.watch(since=pos, timeout=0.5)
+            for i in range(300):
+                w[f"k{i % 7}"] = str(i)
+                if i % 100 == 99:
+                    w.compact()
+            got = [(c.key, c.value) for c in changes]
+    assert got == [(f"k{i % 7}", str(i)) for i in range(300)]
+    out = cli("watch", str(p), "--since", pos, "--timeout", "0.5")
+    assert out.returncode == 0, out.stderr
+    # started after the compactions: every change since pos, or a loud CompactedError
+    # (one line, exit 1); never a silent skip
+    if out.returncode == 0:
+        values = [json.loads(line)["value"] for line in out.stdout.splitlines()]
+        assert values == [str(i) for i in range(300)]
+    else:
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
