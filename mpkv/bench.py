@@ -766,7 +766,7 @@ def run(b: Bench) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .cli import Parser
+    from .argparsing import Parser
 
     p = Parser(prog="mpkv bench", epilog="example:\n  mpkv bench --quick --out /tmp/bench",
                description="mpkv against lmdb, diskcache, "

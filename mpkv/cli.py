@@ -17,9 +17,10 @@ import sys
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from . import __version__, recovery, snapshot
+from .argparsing import Parser
 from .codec import Value
 from .errors import Error, FormatError
 from .segments import AUX, META
@@ -492,27 +493,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --- the parser --------------------------------------------------------------------------
-
-
-class _Formatter(argparse.HelpFormatter):
-    """Wraps descriptions as usual but keeps the ``example:`` epilog's lines as written."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if text.startswith("example"):
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
-
-
-class Parser(argparse.ArgumentParser):
-    """Usage errors in one line (exit 2), as for every other failure; help ends with
-    an example (every mpkv parser is one of these)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def _new_store_options(c: argparse.ArgumentParser) -> None:

@@ -53,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import snapshot
 from .codec import Op, Value
+from .common import check_options, fork_epoch
 from .errors import (
     ClosedError,
     CompactedError,
@@ -64,7 +65,6 @@ from .errors import (
 )
 from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint, update_pairs
 from .serializer import serializer_for
-from .store import _check_options, _fork_epoch
 from .watch import Change, check_prefix, check_timeout
 
 SCHEMES = ("redis://", "rediss://", "unix://")
@@ -291,7 +291,7 @@ class RedisStore(StoreMapping):
                  format: str | None = None, serializer: str | None = None,
                  fsync: str | None = None, max_segment_bytes: int | None = None,
                  fsync_interval: float = 1.0, auto_compact: bool = True) -> None:
-        _check_options(None, None, None, fsync_interval, max_staleness, lock_timeout)
+        check_options(None, None, None, fsync_interval, max_staleness, lock_timeout)
         if serializer is not None:
             serializer_for(serializer)  # ValueError for an unknown name
         if format not in (None, "binary"):
@@ -333,7 +333,7 @@ class RedisStore(StoreMapping):
         self._keys = (self._data, self._log, self._seq, self._lock_key)
         self._maxlen = str(stream_maxlen or 0).encode()
         self._ttl_ms = str(max(1, int(self.lock_ttl * 1000))).encode()
-        self._epoch = _fork_epoch[0]  # -1 once closed; behind the fork epoch in a child
+        self._epoch = fork_epoch[0]  # -1 once closed; behind the fork epoch in a child
         # .token: the lock this thread's transaction holds; .tx: its innermost block
         self._local = threading.local()
         self._held: dict[bytes, None] = {}  # tokens held by this handle: kept alive
@@ -437,7 +437,7 @@ class RedisStore(StoreMapping):
 
     def _check(self) -> None:
         """Closed, or first use in a child after fork()."""
-        if self._epoch == _fork_epoch[0]:
+        if self._epoch == fork_epoch[0]:
             return
         if self._epoch == -1:
             raise ClosedError(f"{self.path}: store is closed")
@@ -451,10 +451,10 @@ class RedisStore(StoreMapping):
         self._view_mutex = threading.RLock()
         self._keeper = None
         self._stop = threading.Event()
-        self._epoch = _fork_epoch[0]
+        self._epoch = fork_epoch[0]
 
     def _writable(self) -> None:
-        if self._epoch != _fork_epoch[0]:
+        if self._epoch != fork_epoch[0]:
             self._check()
         if self.readonly:
             raise ReadOnlyError(f"{self.path}: store opened with readonly=True")
@@ -522,7 +522,7 @@ class RedisStore(StoreMapping):
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` (a fresh object each call for JSON), or ``default``."""
-        if self._epoch != _fork_epoch[0]:
+        if self._epoch != fork_epoch[0]:
             self._check()
         if self._open_tx:
             tx = self._joined()

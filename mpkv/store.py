@@ -6,6 +6,12 @@ other processes appended, appends its own record, publishes the new commit point
 the shared state file and releases the lock. A read compares one shared counter with
 the one it last saw and tails the log only when they differ. docs/protocol.md has the
 whole protocol; docs/format.md the bytes.
+
+This module holds the view, the read path, transactions and the public API, and wires
+the pieces below it: the log writer (writer.py: appending, rotation, undo of a failed
+write), durability (durability.py: fsync modes, the periodic syncer), the locks and the
+shared state. It also decides when to start an automatic compaction and reopens
+everything in a forked child.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from typing import Any, NamedTuple, TypeVar
 
 from . import compaction, snapshot
 from .codec import Batch, Op, Value, apply
+from .common import check_options, fork_epoch
+from .durability import Durability
 from .errors import ClosedError, Error, FormatError, LockTimeout, ReadOnlyError
 from .locks import CompactionLock, DirLock, WriterLock
 from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint
@@ -38,7 +46,6 @@ from .segments import (
     VERSION,
     Cursor,
     Limit,
-    Mark,
     Meta,
     NeedReload,
     UnitPos,
@@ -53,18 +60,17 @@ from .segments import (
     read_intent,
     read_meta,
     truncate_log,
-    write_intent,
     written_format,
 )
 from .serializer import serializer_for
 from .shm import SEQ, SharedState
 from .watch import LogWatcher, check_prefix, check_timeout, parse_position, unit_token
+from .writer import LogWriter
 
 COMPACT_LOCK = "compact.lock"
 AUTO_COMPACT_MIN_BYTES = 4 << 20  # no auto-compaction below this much sealed data...
 AUTO_COMPACT_GARBAGE = 0.5  # ... or while dead records are less than this fraction
 T = TypeVar("T")
-FSYNC_MODES = ("always", "periodic", "never")
 _log = logging.getLogger("mpkv")
 
 
@@ -77,31 +83,6 @@ class Look(NamedTuple):
     #: lock); else the shared state's ``look()`` before reading, to check again after:
     #: a read to the end of the files is valid only if no writer published meanwhile.
     check: tuple[bool, int, bool] | None
-
-# Bumped in a child after fork(); a store opened under an older value reopens itself.
-_fork_epoch = [1]
-os.register_at_fork(after_in_child=lambda: _fork_epoch.__setitem__(0, _fork_epoch[0] + 1))
-
-
-def _check_options(max_segment_bytes: int | None, format: str | None, fsync: str | None,
-                   fsync_interval: float, max_staleness: float | None,
-                   lock_timeout: float | None) -> None:
-    if max_segment_bytes is not None and (
-            not isinstance(max_segment_bytes, int) or isinstance(max_segment_bytes, bool)
-            or max_segment_bytes < 1):
-        raise ValueError(f"max_segment_bytes must be a positive int, not {max_segment_bytes!r}")
-    if format not in (None, "binary", "text"):
-        raise ValueError(f"format must be 'binary', 'text' or None, not {format!r}")
-    if fsync not in (None, *FSYNC_MODES):
-        raise ValueError(f"fsync must be one of {FSYNC_MODES} or None, not {fsync!r}")
-    if not isinstance(fsync_interval, (int, float)) or not fsync_interval > 0:
-        raise ValueError(f"fsync_interval must be a positive number, not {fsync_interval!r}")
-    if max_staleness is not None and (
-            not isinstance(max_staleness, (int, float)) or not max_staleness >= 0):
-        raise ValueError(f"max_staleness must be None or >= 0, not {max_staleness!r}")
-    if lock_timeout is not None and (
-            not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0):
-        raise ValueError(f"lock_timeout must be None or >= 0, not {lock_timeout!r}")
 
 
 class Store(StoreMapping):
@@ -120,8 +101,8 @@ class Store(StoreMapping):
                  fsync: str | None = None, fsync_interval: float = 1.0,
                  max_staleness: float | None = 0.0, readonly: bool = False,
                  lock_timeout: float | None = None, auto_compact: bool = True) -> None:
-        _check_options(max_segment_bytes, format, fsync, fsync_interval, max_staleness,
-                       lock_timeout)
+        check_options(max_segment_bytes, format, fsync, fsync_interval, max_staleness,
+                      lock_timeout)
         if serializer is not None:
             serializer_for(serializer)  # ValueError for an unknown name, before any file
         self.path = os.fspath(path)
@@ -186,32 +167,49 @@ class Store(StoreMapping):
     def _open_files(self) -> None:
         """(Re)open descriptors, locks and the view: at open and in a child after fork."""
         aux = os.path.join(self.path, AUX)
+        # Fields below without a note are set here only (at open, and in a forked child
+        # before first use). Locks, in the order they are taken (docs/protocol.md):
         self._write_mutex = threading.RLock()  # one writer thread at a time in this process
-        self._tail_mutex = threading.Lock()  # guards the cursor and view updates
-        self._sync_mutex = threading.Lock()  # guards fsync bookkeeping
-        self._version = 0  # odd while a batch is being applied to the view
+        #: Guards the cursor, the view and everything that moves with them (noted below).
+        self._tail_mutex = threading.Lock()
+        #: The seqlock of the view: odd while a batch is being applied. Written under the
+        #: tail mutex; read without a lock by readers, which retry under the mutex.
+        self._version = 0
         self._local = threading.local()  # .tx: the calling thread's open transaction
-        self._open_tx = 0  # open outermost transactions; guarded by _write_mutex
+        #: Open outermost transactions. Written under the write mutex; read without a lock
+        #: on the hot paths (non-zero sends them to the slow path, which checks the thread).
+        self._open_tx = 0
         self._wlock = None if self.readonly else WriterLock(os.path.join(aux, LOCK),
                                                             self.lock_timeout)
         self._shm = SharedState(os.path.join(aux, SHM), writable=not self.readonly)
+        #: key -> encoded value. Changed in place under the tail mutex (``_apply``, with the
+        #: version odd) or replaced whole by ``_reload``; read without a lock (seqlock).
         self._view: dict[str, Value] = {}
         self._dirlock = DirLock(os.path.join(aux, DIRLOCK), writable=not self.readonly)
+        #: The end of what the view holds: read and moved under the tail mutex (by
+        #: writes too: the writer appends at it), replaced whole by ``_reload``.
         self._cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock,
                               self.meta.max_file_bytes)
+        #: The shared counter the view is caught up with. Written under the tail mutex;
+        #: read without a lock by the hot paths (a stale value only sends them to the
+        #: slow path).
         self._seen_seq = -1
-        self._verified = False  # has this process's writer checked the log tail once?
-        self._appended = 0  # records this process appended ...
-        self._synced = 0  # ... and how many of them are known to be on disk
-        self._sync_fd = -1
-        self._sync_number = -1  # the segment _sync_fd is open on
-        self._last_refresh = 0.0
-        self._stop_syncer = threading.Event()
-        self._syncer: threading.Thread | None = None
+        self._last_refresh = 0.0  # monotonic time of the last catch-up; as _seen_seq
+        #: fsync bookkeeping and the periodic syncer; guarded by its own mutex
+        #: (durability.py), which nests inside the tail mutex.
+        self._durability = Durability(self.path, self.fsync, self.fsync_interval)
+        #: The append work (writer.py): its state is guarded by the writer lock, and every
+        #: call into it holds the write mutex, the writer lock and the tail mutex.
+        self._writer = LogWriter(self.path, self.format, self._codec, self.max_segment_bytes,
+                                 self._shm, self._durability)
+        #: The automatic compaction thread. Started by a writing thread after its write,
+        #: without a lock: two threads racing start two attempts at worst, and the
+        #: compaction lock turns the second away. Joined by ``close``.
         self._compactor: threading.Thread | None = None
-        #: the error that ended the last automatic compaction (also logged), or None
+        #: the error that ended the last automatic compaction (also logged), or None;
+        #: written by the compaction thread only.
         self.compaction_error: BaseException | None = None
-        self._sealed_bytes = 0  # sealed bytes seen by this process: when to check garbage
+        #: ``_writer.sealed_bytes`` at which to check for garbage next; as ``_compactor``.
         self._next_check = AUTO_COMPACT_MIN_BYTES
         try:
             with self._tail_mutex:
@@ -219,17 +217,22 @@ class Store(StoreMapping):
         except BaseException:
             self._close_files()
             raise
-        self._q = self._shm.slots
+        # _q and _lazy are replaced under the tail mutex when the shared state file
+        # appears (``_remapped``) and read without a lock by the hot paths.
+        self._q = self._shm.slots  # the shared state's slots, for a one-load counter check
         # Reads must do more than compare the counter: check the clock, or (no shared
         # state to watch) read the log.
         self._lazy = self.max_staleness != 0 or not self._shm.backed
-        self._epoch = _fork_epoch[0]
+        #: fork_epoch when the files were opened; -1 once closed (``close`` writes that
+        #: under the write mutex, which writers check again once they hold it). Written
+        #: by open and the first call in a forked child; read without a lock by every call.
+        self._epoch = fork_epoch[0]
 
     def _check(self) -> None:
         """Slow path of every public call: closed, or first use in a forked child."""
         if self._epoch == -1:
             raise ClosedError(f"{self.path}: store is closed")
-        if self._epoch != _fork_epoch[0]:
+        if self._epoch != fork_epoch[0]:
             # First use in a forked child: inherited descriptors share the parent's
             # lock and file offsets, and threading locks may be held by threads that do
             # not exist here. Start over with our own (the parent's watchers stay the
@@ -260,7 +263,7 @@ class Store(StoreMapping):
             raise ClosedError(f"{self.path}: store is closed")
 
     def _writable(self) -> None:
-        if self._epoch != _fork_epoch[0]:
+        if self._epoch != fork_epoch[0]:
             self._check()
         if self.readonly:
             raise ReadOnlyError(f"{self.path}: store opened with readonly=True")
@@ -399,7 +402,7 @@ class Store(StoreMapping):
 
     def _fresh(self) -> None:
         """Make the view fresh enough for a read, per ``max_staleness``."""
-        if self._epoch != _fork_epoch[0]:
+        if self._epoch != fork_epoch[0]:
             self._check()
         if self.max_staleness is None:
             return
@@ -427,7 +430,7 @@ class Store(StoreMapping):
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` (a fresh object each call for JSON), or ``default``."""
-        if (self._epoch != _fork_epoch[0] or self._q[SEQ] != self._seen_seq or self._lazy
+        if (self._epoch != fork_epoch[0] or self._q[SEQ] != self._seen_seq or self._lazy
                 or self._open_tx):
             tx = self._joined()
             if tx is not None:
@@ -467,7 +470,7 @@ class Store(StoreMapping):
     def put(self, key: str, value: Any) -> None:
         """Set ``key`` to ``value`` (one record). TypeError/ValueError, nothing written,
         for a key or value the store's format and serializer cannot hold."""
-        if self._epoch != _fork_epoch[0] or self.readonly or self._open_tx:
+        if self._epoch != fork_epoch[0] or self.readonly or self._open_tx:
             self._writable()
             tx = self._joined()
             if tx is not None:
@@ -504,7 +507,7 @@ class Store(StoreMapping):
                 only_if_exists: bool = False, behind_ok: bool = False) -> bool:
         """Append ``ops`` as one atomic unit under the writer lock; with ``existed``,
         return whether that key was live just before (checked under the lock)."""
-        records = self._encode(ops)
+        records = self._writer.encode(ops)
         wlock = self._wlock
         assert wlock is not None
         behind = was = False
@@ -512,7 +515,8 @@ class Store(StoreMapping):
             wlock.acquire()
             try:
                 with self._tail_mutex:
-                    behind = behind_ok and self._append_behind(records)
+                    behind = behind_ok and self._writer.append_behind(
+                        self._cursor, records, self._seen_seq)
                     if not behind:
                         self._sync_with_log()
                         was = existed is not None and existed in self._view
@@ -526,49 +530,6 @@ class Store(StoreMapping):
                     self._catch_up(self._reader_limit())
         self._after_write()
         return was
-
-    def _append_behind(self, records: list[tuple[bytes, int]]) -> bool:
-        """A put while other processes have written since this one last looked: append
-        at the published end of the log without first reading their records, so that
-        the writer lock is held only for the write; the caller reads them (and this
-        record) after releasing it. Both locks held. False (nothing done) unless the
-        shared state is trusted and the record goes into the cursor's own segment
-        without rotating: every other case takes the ordinary path."""
-        shm, cursor = self._shm, self._cursor
-        if (shm.seq == self._seen_seq or len(records) != 1 or self.format != "binary"
-                or not self._verified or not shm.writer_may_trust()):
-            return False
-        snap = shm.snapshot()
-        if snap is None:
-            return False
-        _, segment, end = snap
-        data, units = records[0]
-        if (cursor.name is None or cursor.part or segment != cursor.number
-                or end < cursor.offset or end + units > self.max_segment_bytes):
-            return False
-        shm.begin()
-        try:
-            self._sync_follows_cursor()
-            written = os.pwrite(cursor.fd, data, end)
-            while written < len(data):  # a short write: rare, but legal
-                written += os.pwrite(cursor.fd, data[written:], end + written)
-        except BaseException:
-            self._undo(cursor.mark(), end)
-            raise
-        self._appended += 1
-        shm.publish(segment, end + len(data))  # our view has not caught up: seen_seq stays
-        return True
-
-    def _encode(self, ops: list[Op]) -> list[tuple[bytes, int]]:
-        records = self._codec.encode(ops, self.max_segment_bytes)
-        for _, units in records:
-            if units > self.max_segment_bytes:
-                raise ValueError(f"a record of {units} {self._units_name()} cannot fit in a "
-                                 f"segment of max_segment_bytes={self.max_segment_bytes}")
-        return records
-
-    def _units_name(self) -> str:
-        return "characters" if self.format == "text" else "bytes"
 
     def _lock(self) -> None:
         assert self._wlock is not None
@@ -588,7 +549,7 @@ class Store(StoreMapping):
         dropped, as readers never applied them; with an untrusted one every complete
         record is kept, as readers read to the end of the files."""
         shm = self._shm
-        if self._verified and shm.writer_may_trust():
+        if self._writer.verified and shm.writer_may_trust():
             if shm.seq == self._seen_seq:
                 return
             seq, seg, _ = shm.snapshot() or (shm.seq, 0, 0)
@@ -599,7 +560,7 @@ class Store(StoreMapping):
         published = shm.published()
         if not (published is not None and shm.inflight and self._drop_unpublished(*published)):
             self._keep_complete(trusted=published is not None)
-        self._verified = True
+        self._writer.verified = True
         self._seen_seq = shm.publish(self._cursor.number, self._cursor.offset)
 
     def _drop_unpublished(self, seq: int, segment: int, end: int) -> bool:
@@ -635,115 +596,24 @@ class Store(StoreMapping):
             self._cursor.truncate(torn)
 
     def _append(self, records: list[tuple[bytes, int]], ops: list[Op]) -> None:
-        """Write records at the cursor, rotating as needed, then publish. Both locks held.
-        If writing fails (a full disk), the log is put back as it was and nothing is
-        published."""
+        """Append one unit at the cursor, apply it to the view, then publish. Both locks
+        held. If writing fails, the writer has put the log back and nothing is published."""
         cursor = self._cursor
-        start = cursor.mark()
-        self._shm.begin()
-        try:
-            self._sync_follows_cursor()
-            # Where the unit starts: a reader computes the same position (watch.py).
-            first_units = records[0][1]
-            if cursor.name is None or (cursor.units and
-                                       cursor.units + first_units > self.max_segment_bytes):
-                begun = (cursor.number + 1, 0)
-            else:
-                begun = (cursor.number, cursor.offset)
-            if len(records) == 1:  # the common case, kept short
-                data, units = records[0]
-                if cursor.name is None or (
-                        cursor.units and cursor.units + units > self.max_segment_bytes):
-                    self._rotate()
-                cursor.append(data, units)
-            else:
-                self._append_records(records)
-        except BaseException:
-            self._undo(start, start[2])
-            raise
-        self._appended += 1
+        self._writer.append(cursor, records, len(ops))
         self._apply([ops])
-        if self.format == "text":  # no framing: every line is a unit of its own
-            cursor.position = (cursor.number, cursor.offset - len(records[-1][0]), 1)
-        else:
-            cursor.position = (*begun, len(ops))
         self._seen_seq = self._shm.publish(cursor.number, cursor.offset)
-
-    def _undo(self, start: Mark, end: int) -> None:
-        """Put the log back as it was before a failed write: the cursor at ``start``,
-        its segment cut at ``end``, segments started since deleted; then the published
-        point is the log's end again. If even that fails, the in-flight flag stays set
-        and the next writer drops what is past the published point."""
-        cursor = self._cursor
-        number = parse_name(start[0])[0] if start[0] else 0  # type: ignore[index]
-        try:
-            cursor.restore(start)
-            truncate_log(self.path, number, end)
-            if self.format == "text":
-                clear_intent(self.path)
-            self._shm.settle()
-        except (OSError, NeedReload):
-            self._verified = False
-
-    def _append_records(self, records: list[tuple[bytes, int]]) -> None:
-        """Several records (a text commit, or a unit chained over segments): one write
-        per segment; a text commit is bracketed by the intent file."""
-        cursor = self._cursor
-        intent = self.format == "text"
-        if intent:
-            write_intent(self.path, cursor.number, cursor.offset,
-                         sum(len(data) for data, _ in records), self.fsync == "always")
-        pending: list[bytes] = []  # records bound for the current segment: one write
-        used = cursor.units
-        for data, units in records:
-            if cursor.name is None or (used and used + units > self.max_segment_bytes):
-                if pending:
-                    cursor.append(b"".join(pending), used - cursor.units)
-                    pending = []
-                self._rotate()
-                used = 0
-            pending.append(data)
-            used += units
-        cursor.append(b"".join(pending), used - cursor.units)
-        if intent:
-            if self.fsync == "always":
-                self._sync_now()
-            clear_intent(self.path)
-
-    def _rotate(self) -> None:
-        self._sealed_bytes += self._cursor.offset
-        with self._sync_mutex:
-            self._cursor.rotate()  # fsyncs the sealed segment
-            self._synced = self._appended
-        self._sync_follows_cursor()
-
-    def _sync_follows_cursor(self) -> None:
-        """Point the fsync descriptor at the segment about to be written: after another
-        process rotated, that is a segment this process never created. (The segment
-        left behind was fsynced by whoever sealed it: fsync covers the whole file.)"""
-        if self._sync_number != self._cursor.number and self._cursor.fd >= 0:
-            with self._sync_mutex:
-                if self._sync_fd >= 0:
-                    os.close(self._sync_fd)
-                self._sync_fd = os.dup(self._cursor.fd)
-                self._sync_number = self._cursor.number
 
     def _after_write(self) -> None:
         """Durability per the fsync mode, outside the writer lock so that writers of all
         processes overlap their fsyncs (group commit); then maybe start auto-compaction."""
-        if self._sealed_bytes >= self._next_check:
+        if self._writer.sealed_bytes >= self._next_check:
             self._maybe_compact()
-        if self.fsync == "always":
-            self._sync(self._appended)
-        elif self.fsync == "periodic" and self._syncer is None:
-            self._syncer = threading.Thread(target=self._sync_periodically, daemon=True,
-                                            name=f"mpkv-fsync {self.path}")
-            self._syncer.start()
+        self._durability.after_write()
 
     def _maybe_compact(self) -> None:
         """Start a background compaction when dead records fill most of the sealed data.
         Writers never wait for it except while it seals a segment and renames files."""
-        self._next_check = self._sealed_bytes + AUTO_COMPACT_MIN_BYTES
+        self._next_check = self._writer.sealed_bytes + AUTO_COMPACT_MIN_BYTES
         if not self.auto_compact or (self._compactor and self._compactor.is_alive()):
             return
         names = list_segments(self.path)[:-1]
@@ -770,22 +640,6 @@ class Store(StoreMapping):
             _log.error("%s: automatic compaction failed: %s", self.path, exc, exc_info=exc)
         else:
             self.compaction_error = None
-
-    def _sync_now(self) -> None:
-        with self._sync_mutex:
-            os.fdatasync(self._cursor.fd)
-
-    def _sync(self, upto: int) -> None:
-        with self._sync_mutex:
-            if self._synced >= upto or self._sync_fd < 0:
-                return
-            target = self._appended
-            os.fdatasync(self._sync_fd)
-            self._synced = target
-
-    def _sync_periodically(self) -> None:
-        while not self._stop_syncer.wait(self.fsync_interval):
-            self._sync(self._appended)
 
     # --- transactions ---------------------------------------------------------------
 
@@ -824,7 +678,7 @@ class Store(StoreMapping):
                     tx._end(failed)
                 if tx._ops:
                     ops: list[Op] = tx._ops
-                    records = self._encode(ops)
+                    records = self._writer.encode(ops)
                     with self._tail_mutex:
                         self._append(records, ops)
             finally:
@@ -885,14 +739,7 @@ class Store(StoreMapping):
                     with self._tail_mutex:
                         self._sync_with_log()
                         if self._cursor.name is not None:  # seal, even if empty: a new b
-                            start = self._cursor.mark()
-                            self._shm.begin()
-                            try:
-                                self._rotate()
-                            except BaseException:
-                                self._undo(start, start[2])
-                                raise
-                            self._seen_seq = self._shm.publish(self._cursor.number, 0)
+                            self._seen_seq = self._writer.seal(self._cursor)
                         active = self._cursor.name
                 finally:
                     self._unlock()
@@ -953,12 +800,8 @@ class Store(StoreMapping):
             # Closing would pull the descriptors from under the block's commit.
             raise Error(f"{self.path}: close() inside an open transaction on this thread; "
                         "leave the with block first")
-        if self._epoch == _fork_epoch[0]:
-            self._stop_syncer.set()
-            if self._syncer is not None:
-                self._syncer.join()
-            if self.fsync != "never":
-                self._sync(self._appended)
+        if self._epoch == fork_epoch[0]:
+            self._durability.stop()
         if self._compactor is not None:
             self._compactor.join()
         with self._tail_mutex:
@@ -975,9 +818,7 @@ class Store(StoreMapping):
         self._shm.close()
         if self._wlock is not None:
             self._wlock.close()
-        if self._sync_fd >= 0:
-            os.close(self._sync_fd)
-            self._sync_fd = -1
+        self._durability.close()
 
     def __reduce__(self) -> tuple[Callable[..., Store], tuple[str, dict[str, Any]]]:
         return _reopen, (self.path, self._options)

@@ -969,7 +969,7 @@ def _check_watchers(cfg: Config, full: Any) -> list[str]:
 
 def parser() -> argparse.ArgumentParser:
     d = Config()
-    from .cli import Parser
+    from .argparsing import Parser
 
     p = Parser(
         prog="mpkv stress", epilog="example:\n  mpkv stress --seconds 60 --kill --compact",
