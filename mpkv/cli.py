@@ -568,7 +568,8 @@ def parser() -> argparse.ArgumentParser:
         ("file", "a snapshot file written by backup"))
     c = add("watch", 'print changes as {"key", "value", "deleted", "position"} JSON lines '
             "as they happen, like tail -F (waits for PATH to become a store, never creating "
-            "it, then prints every change from its first)", cmd_watch,
+            "it, then prints every change from its first); on an existing store, the changes "
+            "made after it starts (--since POS replays from a position)", cmd_watch,
             "mpkv watch /tmp/s --prefix job: --timeout 60", path)
     c.add_argument("--prefix", default="", help="only keys starting with P")
     c.add_argument("--since", type=_position, default=None, metavar="POS",
