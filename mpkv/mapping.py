@@ -77,7 +77,41 @@ class KeyAccess:
         return self.get(key, MISSING) is not MISSING  # type: ignore[arg-type]
 
 
-class TransactionMapping(KeyAccess, MutableMapping[str, Any]):
+class CopyViews(KeyAccess):
+    """Iteration and ``keys/values/items`` over a point-in-time copy of the encoded
+    items (``_encoded_items``), values decoded by ``_serializer``: one definition for
+    stores and transactions of both backends."""
+
+    _serializer: Serializer
+
+    def _encoded_items(self) -> dict[str, Value]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._encoded_items())
+
+    def keys(self) -> KeysView[str]:
+        """The keys, from a point-in-time copy."""
+        return self._encoded_items().keys()
+
+    def values(self) -> ValuesView[Any]:
+        """The (decoded) values, from a point-in-time copy."""
+        return self.items_dict().values()
+
+    def items(self) -> ItemsView[str, Any]:
+        """The ``(key, value)`` pairs, from a point-in-time copy."""
+        return self.items_dict().items()
+
+    def items_dict(self) -> dict[str, Any]:
+        """A point-in-time copy of every key and (decoded) value, as a dict."""
+        items = self._encoded_items()
+        if self._serializer.identity:
+            return items
+        decode = self._serializer.decode
+        return {k: decode(v) for k, v in items.items()}
+
+
+class TransactionMapping(CopyViews, MutableMapping[str, Any]):
     """The view of one ``transaction()`` block: the state it started from plus the
     block's own writes, kept encoded until the block commits.
 
@@ -200,28 +234,8 @@ class TransactionMapping(KeyAccess, MutableMapping[str, Any]):
             raise KeyError(key)
         self._stage(key, None)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._encoded_items())
-
     def __len__(self) -> int:
         return len(self._encoded_items())
-
-    def keys(self) -> KeysView[str]:
-        """The keys, from a point-in-time copy."""
-        return self._encoded_items().keys()
-
-    def values(self) -> ValuesView[Any]:
-        """The (decoded) values, from a point-in-time copy."""
-        return self.items_dict().values()
-
-    def items(self) -> ItemsView[str, Any]:
-        """The ``(key, value)`` pairs, from a point-in-time copy."""
-        return self.items_dict().items()
-
-    def items_dict(self) -> dict[str, Any]:
-        """Every key and decoded value as this block sees them, as a dict."""
-        decode = self._serializer.decode
-        return {k: decode(v) for k, v in self._encoded_items().items()}
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         """Like ``dict.update``; every value is checked before any is buffered."""
@@ -295,7 +309,7 @@ class TransactionMapping(KeyAccess, MutableMapping[str, Any]):
         return total
 
 
-class StoreMapping(KeyAccess, MutableMapping[str, Any]):
+class StoreMapping(CopyViews, MutableMapping[str, Any]):
     """Iteration over point-in-time copies, the atomic read-modify-write helpers, and
     the context-manager lifecycle. ``_epoch`` is -1 once closed (0 while opening).
 
@@ -333,28 +347,6 @@ class StoreMapping(KeyAccess, MutableMapping[str, Any]):
         tx = self._joined()
         return self._copy() if tx is None else tx._encoded_items()
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._encoded_items())
-
-    def keys(self) -> KeysView[str]:
-        """The keys, from a point-in-time copy."""
-        return self._encoded_items().keys()
-
-    def values(self) -> ValuesView[Any]:
-        """The (decoded) values, from a point-in-time copy."""
-        return self.items_dict().values()
-
-    def items(self) -> ItemsView[str, Any]:
-        """The ``(key, value)`` pairs, from a point-in-time copy."""
-        return self.items_dict().items()
-
-    def items_dict(self) -> dict[str, Any]:
-        """A point-in-time copy of every key and (decoded) value, as a dict."""
-        items = self._encoded_items()
-        if self._serializer.identity:
-            return items
-        decode = self._serializer.decode
-        return {k: decode(v) for k, v in items.items()}
 
     # --- atomic read-modify-write: one transaction each ----------------------------------
 
