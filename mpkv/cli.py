@@ -23,7 +23,7 @@ from . import __version__, recovery, snapshot
 from .argparsing import Parser
 from .codec import Value
 from .errors import Error, FormatError
-from .segments import AUX, META
+from .segments import AUX, META, check_store_dir
 from .store import Store
 from .watch import BEFORE_ALL, Change, check_timeout, parse_position
 
@@ -115,16 +115,10 @@ def _holds_store(path: str) -> bool:
     else that exists (a file, a directory of other things); False when it is missing,
     an empty directory, or one with ``.mpkv/`` but no metadata (yet: a store being
     created). Looks only: nothing is created."""
-    if _is_redis(path) or os.path.isfile(os.path.join(path, AUX, META)):
+    if _is_redis(path):
         return True
-    if not os.path.lexists(path):
-        return False
-    if not os.path.isdir(path):
-        raise FormatError(f"{path}: not a directory (an mpkv store is a directory)")
-    entries = os.listdir(path)
-    if entries and AUX not in entries:
-        raise FormatError(f"{path}: a directory that is not an mpkv store (no {AUX}/{META})")
-    return False  # empty, or a store whose creator has not written its metadata yet
+    # The store's own check of what the path is; then: no metadata (yet) is no store.
+    return check_store_dir(path) and os.path.isfile(os.path.join(path, AUX, META))
 
 
 def _require_store(path: str) -> None:
