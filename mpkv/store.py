@@ -241,17 +241,24 @@ class Store(StoreMapping):
             self._close_files()
             self._open_files()
 
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        """The write mutex, waited for within ``lock_timeout`` like the writer lock of
-        the file (a thread of this process holding it is as much a writer as another
-        process), then ClosedError if close() ran meanwhile."""
+    def _begin_writing(self) -> None:
+        """Take the write mutex, waited for within ``lock_timeout`` like the writer lock
+        of the file (a thread of this process holding it is as much a writer as another
+        process); ClosedError (mutex released) if close() ran meanwhile. The caller
+        releases it. A plain call, not a context manager: this is on every put."""
         timeout = -1 if self.lock_timeout is None else self.lock_timeout
         if not self._write_mutex.acquire(timeout=timeout):
             raise LockTimeout(f"{self.path}: writer lock not acquired within "
                               f"{self.lock_timeout} s (held by another thread)")
-        try:
+        if self._epoch == -1:
+            self._write_mutex.release()
             self._still_open()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """``_begin_writing`` for a block."""
+        self._begin_writing()
+        try:
             yield
         finally:
             self._write_mutex.release()
@@ -511,7 +518,8 @@ class Store(StoreMapping):
         wlock = self._wlock
         assert wlock is not None
         behind = was = False
-        with self._writing():
+        self._begin_writing()
+        try:
             wlock.acquire()
             try:
                 with self._tail_mutex:
@@ -528,6 +536,8 @@ class Store(StoreMapping):
             if behind:  # now read what others appended, and ours, in log order
                 with self._tail_mutex:
                     self._catch_up(self._reader_limit())
+        finally:
+            self._write_mutex.release()
         self._after_write()
         return was
 
