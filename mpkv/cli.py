@@ -342,7 +342,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     _require_store(args.path)
     report = recovery.verify(args.path)
     with Store(args.path, readonly=True) as store:
-        live = sorted(store._view.items())  # raw values, as the log holds them
+        live = sorted(store._copy().items())  # encoded values, as the log holds them
         live_bytes = _live_bytes(store, live)
         print(f"path: {store.path}")
         print(f"format: {store.format}")

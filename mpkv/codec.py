@@ -16,11 +16,31 @@ from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Protocol, Union
 
 Value = Union[str, bytes]
-#: One mutation: ``(key, value)``, value ``None`` for a delete.
+#: One mutation: ``(key, value)``, value ``None`` for a delete. Decoding with ``refs``
+#: gives an int handle (keydir.py) in place of a value kept in the file; only the
+#: store's view, typed for it, ever holds such ops.
 Op = tuple[str, Union[Value, None]]
+#: What a value kept in its file is: its ``kind`` for ``Refs.add``.
+STR_VALUE, BYTES_VALUE = 1, 2
+
+
+def _handle(handle: int) -> Value:
+    """A handle where a value goes in an op: see ``Op``."""
+    return handle  # type: ignore[return-value]
+
+
+class Refs(Protocol):
+    """Where a reader keeps the values it leaves in the file (keydir.ValueFile)."""
+
+    #: values of more encoded bytes than this are left in the file
+    inline_max: int
+
+    def add(self, offset: int, length: int, crc: int, kind: int) -> int:
+        """Note the value of ``length`` bytes at ``offset`` of the file; its handle."""
+        ...
 
 
 class Puts(NamedTuple):
@@ -38,7 +58,7 @@ def ops_of(batch: Batch) -> list[Op]:
     return list(zip(batch.keys, batch.values, strict=True)) if isinstance(batch, Puts) else batch
 
 
-def apply(view: dict[str, Value], batch: Batch) -> None:
+def apply(view: dict[str, Any], batch: Batch) -> None:
     """Apply one unit to a state, in order."""
     if isinstance(batch, Puts):
         view.update(zip(batch.keys, batch.values, strict=True))
@@ -100,8 +120,11 @@ class Codec:
         """Encode live state (distinct keys, puts only) in the form fastest to read back."""
         return self.encode(list[Op](items), limit)
 
-    def decode(self, buf: bytes) -> Decoded:
-        """Decode every complete, valid record at the start of ``buf``."""
+    def decode(self, buf: bytes, refs: Refs | None = None, base: int = 0) -> Decoded:
+        """Decode every complete, valid record at the start of ``buf``. With ``refs``,
+        a value of more than ``refs.inline_max`` encoded bytes is left in the file:
+        ``refs.add`` notes it (``buf`` starts at offset ``base`` of the file) and the op
+        holds the handle it returns."""
         raise NotImplementedError
 
     def next_valid(self, buf: bytes, start: int) -> int:
@@ -253,7 +276,8 @@ class BinaryCodec(Codec):
         body = self._head(len(payload), RECORD_PACKED) + payload
         return struct.pack("<I", zlib.crc32(body)) + body
 
-    def _packed(self, buf: bytes, pos: int, end: int) -> Puts | None:
+    def _packed(self, buf: bytes, pos: int, end: int, refs: Refs | None = None,
+                base: int = 0) -> Puts | None:
         if end - pos < PACKED.size:
             return None
         n, kl, sl, bl = PACKED.unpack_from(buf, pos)
@@ -273,18 +297,48 @@ class BinaryCodec(Codec):
         nstr = kinds.count(1)
         if sum(klens) != len(ktext) or nstr + kinds.count(2) != n:
             return None
-        keys = _slices(ktext, klens)
+        keys: list[str] = _slices(ktext, klens)  # type: ignore[assignment]
         if nstr == n:
             if sum(vlens) != len(stext) or blob:
                 return None
-            return Puts(keys, _slices(stext, vlens))  # type: ignore[arg-type]
-        slens = [v for v, k in zip(vlens, kinds, strict=True) if k == 1]
-        blens = [v for v, k in zip(vlens, kinds, strict=True) if k == 2]
-        if sum(slens) != len(stext) or sum(blens) != len(blob):
-            return None
-        strs, raws = iter(_slices(stext, slens)), iter(_slices(blob, blens))
-        values = [next(strs) if k == 1 else next(raws) for k in kinds]
-        return Puts(keys, values)  # type: ignore[arg-type]
+            values: list[Value] = _slices(stext, vlens)  # type: ignore[assignment]
+        else:
+            slens = [v for v, k in zip(vlens, kinds, strict=True) if k == 1]
+            blens = [v for v, k in zip(vlens, kinds, strict=True) if k == 2]
+            if sum(slens) != len(stext) or sum(blens) != len(blob):
+                return None
+            strs, raws = iter(_slices(stext, slens)), iter(_slices(blob, blens))
+            values = [next(strs) if k == 1 else next(raws)  # type: ignore[misc]
+                      for k in kinds]
+        if refs is not None:
+            return Puts(keys, self._leave_in_file(values, kinds, buf, pos + kl, sl, refs,
+                                                  base))
+        return Puts(keys, values)
+
+    @staticmethod
+    def _leave_in_file(values: list[Value], kinds: bytes, buf: bytes, at: int, sl: int,
+                       refs: Refs, base: int) -> list[Value]:
+        """A packed record's values with the large ones replaced by handles: str values
+        are consecutive from ``at`` (``sl`` bytes of UTF-8), bytes values follow."""
+        limit = refs.inline_max
+        out = list(values)
+        spos, bpos = at, at + sl
+        crc32, view = zlib.crc32, memoryview(buf)
+        ascii_only = sum(len(v) for v in values if isinstance(v, str)) == sl
+        for i, value in enumerate(values):
+            if kinds[i] == STR_VALUE:
+                size = len(value) if ascii_only else len(value.encode("utf-8"))  # type: ignore[union-attr]
+                if size > limit:
+                    out[i] = _handle(refs.add(base + spos, size,
+                                              crc32(view[spos : spos + size]), STR_VALUE))
+                spos += size
+            else:
+                size = len(value)
+                if size > limit:
+                    out[i] = _handle(refs.add(base + bpos, size,
+                                              crc32(view[bpos : bpos + size]), BYTES_VALUE))
+                bpos += size
+        return out
 
     def _record_end(self, buf: bytes, pos: int) -> tuple[int, str]:
         """End offset of the valid record at ``pos``, or (-1, what is wrong with it)."""
@@ -361,20 +415,31 @@ class BinaryCodec(Codec):
             return False, 0
         return self.next_valid(buf, end - 1) == n, 0
 
-    def _payload(self, buf: bytes, pos: int, end: int) -> Batch | None:
+    def _payload(self, buf: bytes, pos: int, end: int, refs: Refs | None = None,
+                 base: int = 0) -> Batch | None:
         """The ops of the record at ``pos`` (checksum already verified), None if malformed."""
         if buf[pos + 8] == RECORD_PACKED:
-            return self._packed(buf, pos + self.hsize, end)
-        return self._entries(buf, pos + self.hsize, end)
+            return self._packed(buf, pos + self.hsize, end, refs, base)
+        return self._entries(buf, pos + self.hsize, end, refs, base)
 
-    def _entries(self, buf: bytes, pos: int, end: int) -> list[Op] | None:
+    def _entries(self, buf: bytes, pos: int, end: int, refs: Refs | None = None,
+                 base: int = 0) -> list[Op] | None:
         ops: list[Op] = []
+        inline_max = refs.inline_max if refs is not None else -1
         try:
             while pos < end:
                 op, klen, vlen = ENTRY.unpack_from(buf, pos)
                 pos += ENTRY.size
                 key = buf[pos : pos + klen].decode("utf-8")
                 pos += klen
+                if 0 <= inline_max < vlen and op != OP_DELETE and pos + vlen <= end:
+                    assert refs is not None
+                    if op not in (OP_PUT_STR, OP_PUT_BYTES):
+                        return None
+                    ops.append((key, _handle(refs.add(base + pos, vlen, zlib.crc32(
+                        memoryview(buf)[pos : pos + vlen]), op))))
+                    pos += vlen
+                    continue
                 raw = buf[pos : pos + vlen]
                 pos += vlen
                 if pos > end or op not in (OP_PUT_STR, OP_PUT_BYTES, OP_DELETE):
@@ -391,7 +456,7 @@ class BinaryCodec(Codec):
             return None
         return ops
 
-    def decode(self, buf: bytes) -> Decoded:
+    def decode(self, buf: bytes, refs: Refs | None = None, base: int = 0) -> Decoded:
         out = Decoded()
         batches, ends, units, more = out.batches, out.ends, out.units, out.more
         pos, n, hsize = 0, len(buf), self.hsize
@@ -410,14 +475,19 @@ class BinaryCodec(Codec):
                 start = pos + hsize + ENTRY.size
                 if start + klen + vlen == end and op == OP_PUT_STR:  # one put of a str
                     try:
-                        ops = [(buf[start : start + klen].decode("utf-8"),
-                                buf[start + klen : end].decode("utf-8"))]
+                        if refs is not None and vlen > refs.inline_max:
+                            at = start + klen
+                            handle = refs.add(base + at, vlen, crc32(view[at:end]), STR_VALUE)
+                            ops = [(buf[start:at].decode("utf-8"), _handle(handle))]
+                        else:
+                            ops = [(buf[start : start + klen].decode("utf-8"),
+                                    buf[start + klen : end].decode("utf-8"))]
                     except UnicodeDecodeError:
                         break
             if ops is None:
                 if rtype not in (RECORD_OPS, RECORD_OPS_MORE, RECORD_PACKED):
                     break
-                ops = self._payload(buf, pos, end)
+                ops = self._payload(buf, pos, end, refs, base)
                 if ops is None:
                     break
             batches.append(ops)
@@ -476,10 +546,11 @@ class TextCodec(Codec):
         end = buf.find(b"\n", start)
         return len(buf) if end < 0 else end + 1
 
-    def decode(self, buf: bytes) -> Decoded:
+    def decode(self, buf: bytes, refs: Refs | None = None, base: int = 0) -> Decoded:
         out = Decoded()
         cut = buf.rfind(b"\n") + 1
         pos = 0
+        inline_max = refs.inline_max if refs is not None else len(buf)
         for raw in buf[:cut].split(b"\n")[:-1]:
             try:
                 line = raw.decode("utf-8")
@@ -489,6 +560,12 @@ class TextCodec(Codec):
             if op is None:
                 out.problem = f"malformed line {line[:40]!r}"
                 break
+            if op[1] is not None and len(raw) > inline_max:
+                at = raw.index(b"|", 2) + 1  # keys hold no '|'
+                if len(raw) - at > inline_max:
+                    assert refs is not None
+                    op = (op[0], _handle(refs.add(base + pos + at, len(raw) - at,
+                                                  zlib.crc32(memoryview(raw)[at:]), STR_VALUE)))
             pos += len(raw) + 1
             out.batches.append([op])
             out.ends.append(pos)

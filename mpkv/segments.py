@@ -35,6 +35,7 @@ from .codec import (
 from .errors import CorruptionError, Error, FormatError
 from .files import check_dir, make_dir, open_dir, open_regular, read_capped, write_temp
 from .files import fsync_dir as fsync_dir
+from .keydir import ValueFile, ValueFiles
 from .locks import DirLock
 
 AUX = ".mpkv"
@@ -643,6 +644,11 @@ class Cursor:
         self.number = 0  # the current segment's number (0: none yet)
         self.part = 0  # and its compaction part (0: an appended segment)
         self.position: UnitPos = (1, 0, 0)  # the last unit read (or appended by the owner)
+        #: Where the store's view keeps values it leaves in the files (keydir.py), or
+        #: None: decode every value (watchers, compaction). Set by the owner once.
+        self.values: ValueFiles | None = None
+        #: The current segment's table in ``values`` (None without ``values``).
+        self.refs: ValueFile | None = None
         # The log's names (and their folders) as listed once in the current ``read``:
         # one listing per tail step, not one per segment. None: not listed yet.
         self._listing: list[tuple[str, str]] | None = None
@@ -651,6 +657,8 @@ class Cursor:
         self.close()
         self.name, self.folder, self.fd, self.offset, self.units = name, folder, fd, 0, 0
         self.number, self.part = parse_name(name)  # type: ignore[misc]
+        if self.values is not None:
+            self.refs = self.values.new_file(os.path.join(folder, name), fd)
         if self.part:  # the state as of the end of segment `number`: before number + 1
             self.position = max(self.position, (self.number + 1, 0, 0))
 
@@ -764,7 +772,7 @@ class Cursor:
                 start = self.offset
                 data = os.pread(self.fd, min(want, size - start), start) if size > start else b""
                 at_end = start + len(data) >= size or len(data) < want
-                dec = self.codec.decode(data)
+                dec = self.codec.decode(data, self.refs, start)
                 for ops, end, units, more in zip(dec.batches, dec.ends, dec.units, dec.more,
                                                  strict=True):
                     if not inside:

@@ -34,6 +34,7 @@ from .codec import Batch, Op, Value, apply
 from .common import check_options, fork_epoch
 from .durability import Durability
 from .errors import ClosedError, Error, FormatError, LockTimeout, ReadOnlyError
+from .keydir import Moved, ValueFiles
 from .locks import CompactionLock, DirLock, WriterLock
 from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint
 from .segments import (
@@ -182,14 +183,18 @@ class Store(StoreMapping):
         self._wlock = None if self.readonly else WriterLock(os.path.join(aux, LOCK),
                                                             self.lock_timeout)
         self._shm = SharedState(os.path.join(aux, SHM), writable=not self.readonly)
-        #: key -> encoded value. Changed in place under the tail mutex (``_apply``, with the
+        #: key -> encoded value, or the int handle of a value left in its segment file
+        #: (keydir.py). Changed in place under the tail mutex (``_apply``, with the
         #: version odd) or replaced whole by ``_reload``; read without a lock (seqlock).
-        self._view: dict[str, Value] = {}
+        self._view: dict[str, Value | int] = {}
+        #: Where the view's handles point. Grown by the cursor under the tail mutex and
+        #: replaced with the view by ``_reload`` (first, so that a reader holding a
+        #: handle of the old view finds it unknown and looks again); read without a lock.
+        self._values = ValueFiles()
         self._dirlock = DirLock(os.path.join(aux, DIRLOCK), writable=not self.readonly)
         #: The end of what the view holds: read and moved under the tail mutex (by
         #: writes too: the writer appends at it), replaced whole by ``_reload``.
-        self._cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock,
-                              self.meta.max_file_bytes)
+        self._cursor = self._new_cursor(self._values)
         #: The shared counter the view is caught up with. Written under the tail mutex;
         #: read without a lock by the hot paths (a stale value only sends them to the
         #: slow path).
@@ -372,8 +377,8 @@ class Store(StoreMapping):
         none of them is fed the difference of two states in place of the changes.
         None (nothing changed) when a writer published during an untrusted read."""
         for _ in range(100):
-            cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock,
-                            self.meta.max_file_bytes)
+            values = ValueFiles()
+            cursor = self._new_cursor(values)
             try:
                 batches, _ = cursor.read(look.limit)
             except NeedReload:
@@ -382,19 +387,36 @@ class Store(StoreMapping):
             if look.check is not None and self._changed(look.check):
                 cursor.close()
                 return None
-            view: dict[str, Value] = {}
+            view: dict[str, Value | int] = {}
             for batch in batches:
                 apply(view, batch)
-            old = self._view
-            changed = sum(1 for k, v in view.items() if old.get(k, MISSING) != v)
+            old, old_values = self._view, self._values
+            changed = sum(1 for k, v in view.items()
+                          if not self._same(old.get(k, MISSING), old_values, v, values))
             changed += sum(1 for k in old if k not in view)
+            self._values = values
             self._view = view  # one reference store: readers see the old or the new view
+            old_values.close()
             self._cursor.close()
             self._cursor = cursor
             self._seen_seq = look.seq
             self._last_refresh = time.monotonic()
             return changed
         raise Error(f"{self.path}: could not read a stable set of segments (compaction loop?)")
+
+    def _new_cursor(self, values: ValueFiles) -> Cursor:
+        cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock,
+                        self.meta.max_file_bytes)
+        cursor.values = values
+        return cursor
+
+    @staticmethod
+    def _same(a: object, a_values: ValueFiles, b: Value | int, b_values: ValueFiles) -> bool:
+        """Do two values of the view (of two builds of it) hold the same value?"""
+        if type(a) is int and type(b) is int:
+            entry = a_values.entry(a)
+            return entry is not None and entry == b_values.entry(b)
+        return a == b
 
     def _apply(self, batches: list[Batch]) -> None:
         """Change the view; tail mutex held. The version is odd meanwhile, so optimistic
@@ -445,24 +467,106 @@ class Store(StoreMapping):
             self._fresh()
         version = self._version
         value = self._view.get(key, MISSING)
-        if version != self._version or version & 1:
+        if value.__class__ is int:  # left in its file
+            value = self._read_value(value)
+        if version != self._version or version & 1 or value is None:
             with self._tail_mutex:
-                value = self._view.get(key, MISSING)
+                value = self._get_locked(key)
         if value is MISSING:
             if not isinstance(key, str):  # checked on misses only: free
                 raise TypeError(f"key must be str, not {type(key).__name__}")
             return default
         return value if self._decode_value is None else self._decode_value(value)
 
+    def _read_value(self, handle: int) -> Value | None:
+        """The value of a handle of the view, read without a lock; None when the view was
+        replaced meanwhile or the file is gone (look again under the tail mutex)."""
+        try:
+            return self._values.read(handle)
+        except Moved:
+            return None
+
+    def _get_locked(self, key: str) -> Any:
+        """The encoded value of ``key`` or MISSING; tail mutex held. A value whose file a
+        compaction removed (and this process had not mapped) is read from the new files:
+        the view is rebuilt from them first."""
+        for _ in range(3):
+            value = self._view.get(key, MISSING)
+            if value.__class__ is not int:
+                return value
+            try:
+                got = self._values.read(value)
+            except Moved:
+                got = None
+            if got is not None:
+                return got
+            self._rebuild()
+        raise Error(f"{self.path}: the value of {key!r} could not be read: its segment "
+                    "keeps being replaced")
+
+    def _rebuild(self) -> None:
+        """Rebuild the view from the log's current files; tail mutex held."""
+        for _ in range(100):
+            if self._reload(self._reader_limit()) is not None:
+                return
+        raise Error(f"{self.path}: the shared state kept changing while reading the log")
+
+    def _encoded(self, key: str) -> Any:
+        """The encoded value of ``key`` or MISSING, as of the view now (no catching up)."""
+        version = self._version
+        value = self._view.get(key, MISSING)
+        if value.__class__ is int:
+            value = self._read_value(value)
+        if version != self._version or version & 1 or value is None:
+            with self._tail_mutex:
+                return self._get_locked(key)
+        return value
+
     def __len__(self) -> int:
         tx = self._joined()
         return self._consistent(len) if tx is None else len(tx)
 
     def _copy(self) -> dict[str, Value]:
-        """A point-in-time copy of the view: iteration never tears or raises."""
-        return self._consistent(dict)
+        """A point-in-time copy of the view, values read from their files: iteration
+        never tears or raises (but CorruptionError for a damaged value)."""
+        self._fresh()
+        return self._copy_now()
 
-    def _consistent(self, read: Callable[[dict[str, Value]], T]) -> T:
+    def _copy_now(self) -> dict[str, Value]:
+        """``_copy`` of the view as it is, without catching up first."""
+        version = self._version
+        values = self._values
+        view = dict(self._view)
+        if version == self._version and not version & 1:
+            copy = self._resolved(view, values)
+            if copy is not None:
+                return copy
+        with self._tail_mutex:
+            for _ in range(3):
+                copy = self._resolved(dict(self._view), self._values)
+                if copy is not None:
+                    return copy
+                self._rebuild()
+        raise Error(f"{self.path}: values could not be read: their segments keep being "
+                    "replaced")
+
+    @staticmethod
+    def _resolved(view: dict[str, Value | int], values: ValueFiles) -> dict[str, Value] | None:
+        """``view`` with every handle replaced by its value (in place); None if one of
+        them is not of ``values`` or its file is gone."""
+        read = values.read
+        try:
+            for key, value in view.items():
+                if value.__class__ is int:
+                    got = read(value)
+                    if got is None:
+                        return None
+                    view[key] = got
+        except Moved:
+            return None
+        return view  # type: ignore[return-value]
+
+    def _consistent(self, read: Callable[[dict[str, Value | int]], T]) -> T:
         """``read(view)`` on a fresh enough view that no batch is half applied to."""
         self._fresh()
         version = self._version
@@ -610,8 +714,22 @@ class Store(StoreMapping):
         held. If writing fails, the writer has put the log back and nothing is published."""
         cursor = self._cursor
         self._writer.append(cursor, records, len(ops))
-        self._apply([ops])
+        self._apply([self._left_in_file(records, ops)])
         self._seen_seq = self._shm.publish(cursor.number, cursor.offset)
+
+    def _left_in_file(self, records: list[tuple[bytes, int]], ops: list[Op]) -> Batch:
+        """The unit just appended as the view holds it: large values as handles into the
+        file, as any other process reads them (decoded again from the bytes written),
+        so that a writer does not keep a private copy of what it wrote. A unit written
+        over several records stays as it is (until the view is rebuilt)."""
+        refs = self._cursor.refs
+        if (len(records) != 1 or refs is None
+                or not any(v is not None and len(v) > refs.inline_max for _, v in ops)):
+            return ops
+        data = records[0][0]
+        dec = self._codec.decode(data, refs, self._cursor.offset - len(data))
+        assert not dec.problem and len(dec.batches) == 1, "a record just encoded decodes"
+        return dec.batches[0]
 
     def _after_write(self) -> None:
         """Durability per the fsync mode, outside the writer lock so that writers of all
@@ -632,7 +750,9 @@ class Store(StoreMapping):
         except FileNotFoundError:  # another process compacted meanwhile
             return
         with self._tail_mutex:
-            live = sum(len(k) + len(v) for k, v in self._view.items()) + 18 * len(self._view)
+            size = self._values.size
+            live = sum(len(k) + (size(v) if isinstance(v, int) else len(v))
+                       for k, v in self._view.items()) + 18 * len(self._view)
         if sealed < AUTO_COMPACT_MIN_BYTES or live > sealed * (1 - AUTO_COMPACT_GARBAGE):
             return
         self._compactor = threading.Thread(target=self._auto_compact, daemon=True,
@@ -721,7 +841,7 @@ class Store(StoreMapping):
                 if key not in items:
                     tx._stage(key, None)
             for key, value in items.items():
-                if self._view.get(key, MISSING) != value:
+                if self._encoded(key) != value:
                     tx._stage(key, value)
 
     def compact(self, *, progress: Callable[[list[str]], Iterable[str]] | None = None
@@ -824,6 +944,7 @@ class Store(StoreMapping):
 
     def _close_files(self) -> None:
         self._cursor.close()
+        self._values.close()
         self._dirlock.close()
         self._shm.close()
         if self._wlock is not None:
@@ -854,10 +975,10 @@ class Transaction(TransactionMapping):
     _store: Store
 
     def _committed(self, key: str) -> Any:
-        return self._store._view.get(key, MISSING)
+        return self._store._encoded(key)
 
     def _committed_items(self) -> dict[str, Value]:
-        return dict(self._store._view)
+        return self._store._copy_now()
 
     def _check_op(self, key: str, encoded: Value | None) -> None:
         self._store._codec.check(key, encoded, delete=encoded is None)
