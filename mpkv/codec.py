@@ -13,7 +13,7 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, NamedTuple, Protocol, Union
@@ -52,6 +52,14 @@ class Puts(NamedTuple):
 
 #: The ops of one atomic unit, in order.
 Batch = Union[list[Op], Puts]
+
+
+class Encoded(NamedTuple):
+    """A record of encoded live state: its bytes, size units, and the items it holds."""
+
+    data: bytes
+    units: int
+    items: list[tuple[str, Value]]
 
 
 def ops_of(batch: Batch) -> list[Op]:
@@ -116,9 +124,32 @@ class Codec:
     def _encode(self, ops: list[Op], limit: int) -> list[tuple[bytes, int]]:
         raise NotImplementedError
 
-    def encode_state(self, items: list[tuple[str, Value]], limit: int) -> list[tuple[bytes, int]]:
-        """Encode live state (distinct keys, puts only) in the form fastest to read back."""
-        return self.encode(list[Op](items), limit)
+    def encode_state(self, items: Iterable[tuple[str, Value]], limit: int
+                     ) -> Iterator[Encoded]:
+        """Encode live state (distinct keys, puts only) in the form fastest to read back.
+        Records come as the items do: about ``_PACKED_TARGET`` bytes of items at a time
+        are held, so a caller streaming items from files holds no more of them."""
+        chunk: list[tuple[str, Value]] = []
+        size = 0
+        for item in items:
+            chunk.append(item)
+            size += len(item[0]) + len(item[1])
+            if size >= _PACKED_TARGET:
+                yield from self._state_records(chunk, limit)
+                chunk, size = [], 0
+        if chunk:
+            yield from self._state_records(chunk, limit)
+
+    def _state_records(self, items: list[tuple[str, Value]], limit: int) -> list[Encoded]:
+        """Records of ``items`` (about ``_PACKED_TARGET`` bytes of them)."""
+        return self._one_per_item(items, limit)
+
+    def _one_per_item(self, items: list[tuple[str, Value]], limit: int) -> list[Encoded]:
+        """One record per put (the codec's records of single ops)."""
+        records = self.encode(list[Op](items), limit)
+        assert len(records) == len(items)
+        return [Encoded(data, units, [item])
+                for (data, units), item in zip(records, items, strict=True)]
 
     def decode(self, buf: bytes, refs: Refs | None = None, base: int = 0) -> Decoded:
         """Decode every complete, valid record at the start of ``buf``. With ``refs``,
@@ -234,27 +265,15 @@ class BinaryCodec(Codec):
             records.append((record, len(record)))
         return records
 
-    def encode_state(self, items: list[tuple[str, Value]], limit: int) -> list[tuple[bytes, int]]:
-        records: list[tuple[bytes, int]] = []
-        chunk: list[tuple[str, Value]] = []
-        size = 0
-        for item in items:
-            chunk.append(item)
-            size += len(item[0]) + len(item[1])
-            if size >= _PACKED_TARGET:
-                records += self._packed_within(chunk, limit)
-                chunk, size = [], 0
-        if chunk:
-            records += self._packed_within(chunk, limit)
-        return records
+    def _state_records(self, items: list[tuple[str, Value]], limit: int) -> list[Encoded]:
+        return self._packed_within(items, limit)
 
-    def _packed_within(self, items: list[tuple[str, Value]], limit: int
-                       ) -> list[tuple[bytes, int]]:
+    def _packed_within(self, items: list[tuple[str, Value]], limit: int) -> list[Encoded]:
         record = self._encode_packed(items)
         if len(record) <= limit or len(items) == 1:
             if len(record) <= limit:
-                return [(record, len(record))]
-            return self.encode(list[Op](items), limit)
+                return [Encoded(record, len(record), items)]
+            return self._one_per_item(items, limit)
         half = len(items) // 2
         return self._packed_within(items[:half], limit) + self._packed_within(items[half:], limit)
 

@@ -353,3 +353,19 @@ def dir_state(path: str | os.PathLike[str], *, dirs: bool = True) -> dict[str, b
             with _real_open(full, "rb") as fh:
                 out[rel] = fh.read()
     return out
+
+
+# ============================================================================
+# Damage on disk (compaction of large values)
+# ============================================================================
+
+
+def flip_byte(file: str | os.PathLike[str], offset: int) -> None:
+    """Flip the low bit of the byte at ``offset`` of ``file`` in place, changing nothing
+    else (no checksum fixed, size and inode kept)."""
+    with _real_open(file, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        assert len(byte) == 1, (file, offset)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
