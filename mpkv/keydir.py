@@ -30,6 +30,7 @@ import threading
 import zlib
 from array import array
 from collections import deque
+from collections.abc import Iterable
 
 from .codec import STR_VALUE, Value
 from .errors import CorruptionError
@@ -100,10 +101,13 @@ class ValueFile:
         self.kinds.append(kind)
         return self.fid << _INDEX_BITS | index
 
-    def extend(self, offsets: array[int], lengths: array[int], crcs: array[int],
+    def next_handle(self) -> int:
+        """The handle the next value recorded gets."""
+        return self.fid << _INDEX_BITS | len(self.lengths)
+
+    def extend(self, offsets: Iterable[int], lengths: Iterable[int], crcs: Iterable[int],
                kinds: bytes) -> range:
-        """Record many values at once (from a hint file); their handles, in order."""
-        assert len(offsets) == len(lengths) == len(crcs) == len(kinds)
+        """Record many values at once; their handles, in order."""
         index = len(self.lengths)
         if not index:
             self._registry.files[self.fid] = self
@@ -111,6 +115,8 @@ class ValueFile:
         self.lengths.extend(lengths)
         self.crcs.extend(crcs)
         self.kinds.extend(kinds)
+        assert len(self.offsets) == len(self.lengths) == len(self.crcs) == len(self.kinds), \
+            "one entry per value in every column"
         base = self.fid << _INDEX_BITS
         return range(base + index, base + index + len(kinds))
 
