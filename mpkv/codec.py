@@ -141,6 +141,11 @@ class Codec:
         reading can resume after damage."""
         raise NotImplementedError
 
+    def single_value(self, record: bytes) -> tuple[int, int, int]:
+        """``(offset in the record, length in bytes, kind)`` of the value of a record
+        this codec encoded for one put (where a reader finds it, without decoding)."""
+        raise NotImplementedError
+
 
 
 # --- binary -----------------------------------------------------------------------
@@ -200,6 +205,12 @@ class BinaryCodec(Codec):
             return struct.pack("<IB", length, rtype)
         lts = _LTS.pack(length, rtype, SYNC)
         return lts + struct.pack("<I", zlib.crc32(lts))
+
+    def single_value(self, record: bytes) -> tuple[int, int, int]:
+        op, klen, vlen = ENTRY.unpack_from(record, self.hsize)
+        at = self.hsize + ENTRY.size + klen
+        assert op in (OP_PUT_STR, OP_PUT_BYTES) and at + vlen == len(record), "one put"
+        return at, vlen, op
 
     def _head_ok(self, buf: bytes, pos: int) -> bool:
         """Framing 2: the header at ``pos`` (all there) is one a writer wrote."""
@@ -568,6 +579,11 @@ class TextCodec(Codec):
         if line.startswith("D|") and "|" not in line[2:]:
             return (line[2:], None)
         return None
+
+    def single_value(self, record: bytes) -> tuple[int, int, int]:
+        assert record.startswith(b"P|") and record.endswith(b"\n"), "one put"
+        at = record.index(b"|", 2) + 1  # keys hold no '|'
+        return at, len(record) - 1 - at, STR_VALUE
 
     def next_valid(self, buf: bytes, start: int) -> int:
         # Lines are the unit: skip the damaged one (or the torn remainder).

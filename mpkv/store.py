@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import (
     Callable,
     Iterable,
@@ -741,14 +742,25 @@ class Store(StoreMapping):
 
     def _left_in_file(self, records: list[tuple[bytes, int]], ops: list[Op]) -> Batch:
         """The unit just appended as the view holds it: large values as handles into the
-        file, as any other process reads them (decoded again from the bytes written),
-        so that a writer does not keep a private copy of what it wrote. A unit written
-        over several records stays as it is (until the view is rebuilt)."""
+        file, as any other process reads them, so that a writer keeps no private copy
+        of what it wrote. A unit written over several records (a text commit, a unit
+        chained over segments) stays as it is until the view is rebuilt."""
         refs = self._cursor.refs
-        if (len(records) != 1 or refs is None
-                or not any(v is not None and len(v) > refs.inline_max for _, v in ops)):
+        if len(records) != 1 or refs is None:
             return ops
         data = records[0][0]
+        if len(ops) == 1:  # one put: the value's place is known without decoding
+            key, value = ops[0]
+            if value is None or len(value) <= refs.inline_max:  # len <= encoded bytes
+                return ops
+            at, length, kind = self._codec.single_value(data)
+            if length <= refs.inline_max:
+                return ops
+            handle = refs.add(self._cursor.offset - len(data) + at, length,
+                              zlib.crc32(memoryview(data)[at : at + length]), kind)
+            return [(key, handle)]  # type: ignore[list-item]
+        if not any(v is not None and len(v) > refs.inline_max for _, v in ops):
+            return ops
         dec = self._codec.decode(data, refs, self._cursor.offset - len(data))
         assert not dec.problem and len(dec.batches) == 1, "a record just encoded decodes"
         return dec.batches[0]
