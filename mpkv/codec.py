@@ -283,7 +283,7 @@ class BinaryCodec(Codec):
 
     def _op_span(self, record: bytes, key: str) -> Spans:
         start = self.hsize + ENTRY.size + len(key.encode("utf-8"))
-        return Spans(array("Q", [start]), array("Q", [len(record) - start]))
+        return Spans(array("I", [start]), array("I", [len(record) - start]))
 
     def _packed_spans(self, record: bytes, items: list[tuple[str, Value]]) -> Spans:
         """Where ``_encode_packed`` put each value: str values are consecutive in their
@@ -291,13 +291,13 @@ class BinaryCodec(Codec):
         n, kl, sl, _ = PACKED.unpack_from(record, self.hsize)
         at = self.hsize + PACKED.size + 9 * n + kl
         values = [v for _, v in items]
-        sizes = array("Q", map(len, values))
+        sizes = array("I", map(len, values))
         if sum(len(v) for v in values if isinstance(v, str)) != sl:  # not all ASCII
-            sizes = array("Q", (len(v.encode("utf-8")) if isinstance(v, str) else len(v)
+            sizes = array("I", (len(v.encode("utf-8")) if isinstance(v, str) else len(v)
                                 for v in values))
         if all(isinstance(v, str) for v in values) or all(isinstance(v, bytes) for v in values):
-            return Spans(array("Q", accumulate(sizes[:-1], initial=at)), sizes)
-        starts = array("Q")
+            return Spans(array("I", accumulate(sizes[:-1], initial=at)), sizes)
+        starts = array("I")
         spos, bpos = at, at + sl
         for value, size in zip(values, sizes, strict=True):
             if isinstance(value, str):
@@ -584,7 +584,7 @@ class TextCodec(Codec):
 
     def _op_span(self, record: bytes, key: str) -> Spans:
         start = 3 + len(key.encode("utf-8"))  # P|key|value\n
-        return Spans(array("Q", [start]), array("Q", [len(record) - start - 1]))
+        return Spans(array("I", [start]), array("I", [len(record) - start - 1]))
 
     @staticmethod
     def _parse(line: str) -> Op | None:

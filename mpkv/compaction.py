@@ -198,9 +198,8 @@ def switch(path: str, outputs: list[Output], number: int, inputs: list[str],
         _retire(path, inputs, needed)
         os.unlink(os.path.join(aux, SWITCH))
         fsync_dir(aux)
-        for name in inputs:
-            if parse_name(name)[1]:  # type: ignore[index]
-                hints.remove(path, name)  # (a crash before: tidy removes it)
+        # (a crash before this: the next compaction's tidy removes them)
+        hints.remove(path, [n for n in inputs if parse_name(n)[1]])  # type: ignore[index]
 
 
 def _retire(path: str, inputs: list[str], needed: int | None) -> None:
@@ -262,5 +261,4 @@ def tidy(path: str, dirlock: DirLock) -> None:
                 os.unlink(os.path.join(path, name))
             if dead:
                 fsync_dir(path)
-        for name in stale:
-            hints.remove(path, name)
+        hints.remove(path, stale)

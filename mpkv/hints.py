@@ -29,7 +29,7 @@ from typing import Any
 
 from .codec import BYTES_VALUE, STR_VALUE, Puts, Spans, Value, _slices
 from .errors import FormatError
-from .files import check_dir, make_dir, open_regular, write_temp
+from .files import check_dir, make_dir, open_dir, open_regular, write_temp
 from .keydir import ValueFile
 
 #: The folder of the hints, in the store's ``.mpkv/``.
@@ -134,20 +134,33 @@ def write(path: str, name: str, data: bytes) -> None:
 
 def names(path: str) -> list[str]:
     """Every file in the hints folder (hints and leftover temporary files)."""
-    folder = os.path.join(path, ".mpkv", HINTS)
     try:
-        if not check_dir(folder):
-            return []
-        return sorted(os.listdir(folder))
+        fd = open_dir(os.path.join(path, ".mpkv", HINTS))
     except (OSError, FormatError):
         return []
-
-
-def remove(path: str, name: str) -> None:
     try:
-        os.unlink(hint_path(path, name))
+        return sorted(os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+def remove(path: str, names: list[str]) -> None:
+    """Delete these hints (or temporary files), through a descriptor of the folder: a
+    link put in its place cannot make this delete anything elsewhere."""
+    if not names:
+        return
+    try:
+        fd = open_dir(os.path.join(path, ".mpkv", HINTS))
     except FileNotFoundError:
-        pass
+        return
+    try:
+        for name in names:
+            try:
+                os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+    finally:
+        os.close(fd)
 
 
 @dataclass

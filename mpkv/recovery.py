@@ -228,13 +228,17 @@ def _check_hints(path: str, meta: Meta, log: list[str], fix: bool, report: Repor
             continue
         number, part = parse_name(name)  # type: ignore[misc]
         file = hints.hint_path(path, name)
-        fd = open_regular(os.path.join(path, name), os.O_RDONLY)
+        try:
+            fd = open_regular(os.path.join(path, name), os.O_RDONLY)
+        except FileNotFoundError:  # compacted away meanwhile: its hint goes too
+            continue
         try:
             hint = hints.read(path, name, number, part, fd, meta.max_file_bytes)
             if isinstance(hint, str):
                 problem, stale = hint, hint.startswith(hints.STALE)
             else:
-                problem, stale = _hint_disagrees(meta.codec, fd, hint), False
+                problem, stale = _hint_disagrees(meta.codec, fd, hint,
+                                                 meta.max_file_bytes), False
         finally:
             os.close(fd)
         if problem == hints.MISSING or not problem:
@@ -245,15 +249,15 @@ def _check_hints(path: str, meta: Meta, log: list[str], fix: bool, report: Repor
             size = os.lstat(file).st_size
             report.damage.append(Damage(file, 0, size, f"hint of {name}: {problem}"))
         if fix:
-            hints.remove(path, name)
+            hints.remove(path, [name])
             report.actions.append(f"removed {file}")
 
 
-def _hint_disagrees(codec: Codec, fd: int, hint: hints.Hint) -> str:
+def _hint_disagrees(codec: Codec, fd: int, hint: hints.Hint, max_bytes: int) -> str:
     """Where a hint that checks out says something else than its output's records
     ("" when it agrees with them)."""
     with os.fdopen(os.dup(fd), "rb") as f:
-        data = f.read()
+        data = f.read(max_bytes)
     dec = codec.decode(data)
     ops = [op for batch in dec.batches for op in ops_of(batch)]
     if dec.problem or [k for k, _ in ops] != hint.keys:
