@@ -27,7 +27,7 @@ MAXSEG = 4000  # a few outputs per compaction
 def _items(fmt: str, serializer: str) -> dict[str, Any]:
     """Keys and values that exercise every column: non-ASCII, empty, str and bytes,
     sizes on both sides of the inline limit (64 encoded bytes, not code points)."""
-    items: dict[str, Any] = {}
+    items: dict[str, Any] = {"nul\0key": "its output cuts keys by length"}
     for i in range(150):
         n = i % 75
         key = ["k", "ключ-", "🔑", "a b"][i % 4] + str(i)
@@ -81,6 +81,19 @@ def test_open_through_hints_gives_the_view_replay_gives(tmp_path: Path, fmt: str
     assert mpkv.verify(path).ok and not mpkv.verify(path).notes
 
 
+def test_an_empty_compacted_store_opens_through_its_hint(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    with mpkv.Store(path, auto_compact=False) as s:
+        s["gone"] = "x" * 100
+        del s["gone"]
+        s.compact()
+    (output,) = _outputs(path)
+    assert hints.names(path) == [output]
+    with SegmentReads() as reads, mpkv.Store(path) as s:
+        assert dict(s.items()) == {}
+    assert output not in reads.files
+
+
 def test_open_through_hints_leaves_large_values_in_the_file(tmp_path: Path) -> None:
     """Open reads keys only: large values are handles into an output nobody has read
     or mapped yet; a get maps it and checks the value's CRC."""
@@ -124,8 +137,7 @@ def _reseal(data: bytes) -> bytes:
 
 def _first_offset_at(data: bytes) -> int:
     """Where the offsets column of a hint starts."""
-    head = hints.HEAD.unpack_from(data)
-    count, nstr, nraw = head[9], head[10], head[11]
+    count, nstr, nraw = hints.HEAD.unpack_from(data)[10:13]
     return hints.HEAD.size + 5 * count + 4 * nstr + 4 * nraw
 
 
