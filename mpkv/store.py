@@ -522,9 +522,31 @@ class Store(StoreMapping):
                 return self._get_locked(key)
         return value
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is live; reads no value."""
+        tx = self._joined()
+        if tx is not None:
+            return key in tx
+        self._fresh()
+        version = self._version
+        found = key in self._view
+        if version != self._version or version & 1:  # a unit half applied: see get
+            with self._tail_mutex:
+                found = key in self._view
+        if found:
+            return True
+        if not isinstance(key, str):
+            raise TypeError(f"key must be str, not {type(key).__name__}")
+        return False
+
     def __len__(self) -> int:
         tx = self._joined()
         return self._consistent(len) if tx is None else len(tx)
+
+    def _copy_keys(self) -> dict[str, Any]:
+        """The view's keys (their values handles or values): iterating keys reads no
+        value file."""
+        return self._consistent(dict)
 
     def _copy(self) -> dict[str, Value]:
         """A point-in-time copy of the view, values read from their files: iteration
