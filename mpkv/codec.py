@@ -42,6 +42,15 @@ class Refs(Protocol):
         """Note the value of ``length`` bytes at ``offset`` of the file; its handle."""
         ...
 
+    def next_handle(self) -> int:
+        """The handle the next value noted will get."""
+        ...
+
+    def extend(self, offsets: Iterable[int], lengths: Iterable[int], crcs: Iterable[int],
+               kinds: bytes) -> range:
+        """Note many values at once; their handles, in order."""
+        ...
+
 
 class Spans(NamedTuple):
     """Where an encoded state record keeps its values: for each item it holds, in order,
@@ -151,6 +160,11 @@ class Codec:
         reading can resume after damage."""
         raise NotImplementedError
 
+    def single_value(self, record: bytes) -> tuple[int, int, int]:
+        """``(offset in the record, length in bytes, kind)`` of the value of a record
+        this codec encoded for one put (where a reader finds it, without decoding)."""
+        raise NotImplementedError
+
 
 
 # --- binary -----------------------------------------------------------------------
@@ -210,6 +224,12 @@ class BinaryCodec(Codec):
             return struct.pack("<IB", length, rtype)
         lts = _LTS.pack(length, rtype, SYNC)
         return lts + struct.pack("<I", zlib.crc32(lts))
+
+    def single_value(self, record: bytes) -> tuple[int, int, int]:
+        op, klen, vlen = ENTRY.unpack_from(record, self.hsize)
+        at = self.hsize + ENTRY.size + klen
+        assert op in (OP_PUT_STR, OP_PUT_BYTES) and at + vlen == len(record), "one put"
+        return at, vlen, op
 
     def _head_ok(self, buf: bytes, pos: int) -> bool:
         """Framing 2: the header at ``pos`` (all there) is one a writer wrote."""
@@ -512,6 +532,13 @@ class BinaryCodec(Codec):
         pos, n, hsize = 0, len(buf), self.hsize
         view = memoryview(buf)
         head, entry, crc32 = HEADER.unpack_from, ENTRY.unpack_from, zlib.crc32
+        # Values the loop below leaves in the file, noted in ``refs`` in one call at the
+        # end (or before another path notes one): handle of the next is first + count.
+        offsets: list[int] = []
+        lengths: list[int] = []
+        crcs: list[int] = []
+        limit = refs.inline_max if refs is not None else -1
+        first = refs.next_handle() if refs is not None else 0
         while pos + hsize <= n:
             # Inlined for speed (replay of a large log is this loop); any doubt falls
             # back to the general checks below, which also say what is wrong.
@@ -525,10 +552,13 @@ class BinaryCodec(Codec):
                 start = pos + hsize + ENTRY.size
                 if start + klen + vlen == end and op == OP_PUT_STR:  # one put of a str
                     try:
-                        if refs is not None and vlen > refs.inline_max:
+                        if 0 <= limit < vlen:
                             at = start + klen
-                            handle = refs.add(base + at, vlen, crc32(view[at:end]), STR_VALUE)
-                            ops = [(buf[start:at].decode("utf-8"), _handle(handle))]
+                            ops = [(buf[start:at].decode("utf-8"),
+                                    _handle(first + len(lengths)))]
+                            offsets.append(base + at)
+                            lengths.append(vlen)
+                            crcs.append(crc32(view[at:end]))
                         else:
                             ops = [(buf[start : start + klen].decode("utf-8"),
                                     buf[start + klen : end].decode("utf-8"))]
@@ -537,14 +567,23 @@ class BinaryCodec(Codec):
             if ops is None:
                 if rtype not in (RECORD_OPS, RECORD_OPS_MORE, RECORD_PACKED):
                     break
+                if lengths:
+                    assert refs is not None
+                    refs.extend(offsets, lengths, crcs, bytes([STR_VALUE]) * len(lengths))
+                    offsets, lengths, crcs = [], [], []
                 ops = self._payload(buf, pos, end, refs, base)
                 if ops is None:
                     break
+                if refs is not None:
+                    first = refs.next_handle()
             batches.append(ops)
             ends.append(end)
             units.append(end - pos)
             more.append(rtype == RECORD_OPS_MORE)
             pos = end
+        if lengths:
+            assert refs is not None
+            refs.extend(offsets, lengths, crcs, bytes([STR_VALUE]) * len(lengths))
         if pos < n:
             end, problem = self._record_end(buf, pos)
             out.problem = problem or "malformed entries in a record with a valid checksum"
@@ -594,6 +633,11 @@ class TextCodec(Codec):
         if line.startswith("D|") and "|" not in line[2:]:
             return (line[2:], None)
         return None
+
+    def single_value(self, record: bytes) -> tuple[int, int, int]:
+        assert record.startswith(b"P|") and record.endswith(b"\n"), "one put"
+        at = record.index(b"|", 2) + 1  # keys hold no '|'
+        return at, len(record) - 1 - at, STR_VALUE
 
     def next_valid(self, buf: bytes, start: int) -> int:
         # Lines are the unit: skip the damaged one (or the torn remainder).
