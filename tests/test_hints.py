@@ -20,28 +20,31 @@ from conftest import SegmentReads, replayed, view_entries
 
 import mpkv
 from mpkv import hints
+from mpkv.keydir import INLINE_MAX
 
 MAXSEG = 4000  # a few outputs per compaction
 
 
 def _items(fmt: str, serializer: str) -> dict[str, Any]:
     """Keys and values that exercise every column: non-ASCII, empty, str and bytes,
-    sizes on both sides of the inline limit (64 encoded bytes, not code points)."""
+    sizes on both sides of the inline limit (encoded bytes, not code points)."""
     items: dict[str, Any] = {"nul\0key": "its output cuts keys by length"}
+    top = INLINE_MAX + 11
     for i in range(150):
-        n = i % 75
+        n = i * 7 % top
         key = ["k", "ключ-", "🔑", "a b"][i % 4] + str(i)
         if serializer == "json":
             items[key] = {"n": i, "s": "é" * (n // 2), "l": list(range(n % 7))}
         elif fmt == "binary" and i % 3 == 0:
-            items[key] = bytes(range(256))[:n] * (1 + i % 2)
+            items[key] = (bytes(range(256)) * 2)[:n]
         else:
-            items[key] = ("x" if i % 2 else "é") * n
+            items[key] = ("x" if i % 2 else "é") * (n // (1 + i % 2))
+    quotes = 0 if serializer == "raw" else 2  # a JSON string is encoded with its quotes
     items[""] = "" if serializer == "raw" else 0
-    items["edge-64"] = "y" * 64 if serializer == "raw" else "y" * 62
-    items["edge-65"] = "y" * 65 if serializer == "raw" else "y" * 63
-    items["utf8-64-bytes"] = "é" * 32  # 32 code points, 64 bytes: inline
-    items["utf8-66-bytes"] = "é" * 33  # 33 code points, 66 bytes: in the file
+    items["edge-inline"] = "y" * (INLINE_MAX - quotes)
+    items["edge-in-file"] = "y" * (INLINE_MAX + 1 - quotes)
+    items["utf8-inline"] = "é" * (INLINE_MAX // 2 - quotes)  # half the code points
+    items["utf8-in-file"] = "é" * (INLINE_MAX // 2 + 1)  # 2 bytes over the limit
     return items
 
 
@@ -55,7 +58,7 @@ def _build(path: str, fmt: str = "binary", serializer: str = "raw") -> dict[str,
             s[k] = v  # garbage for the compaction
         s.delete("k4")
         s.compact()
-        s["after"] = "x" * 100
+        s["after"] = "x" * 1000
         return dict(s.items())
 
 
@@ -84,7 +87,7 @@ def test_open_through_hints_gives_the_view_replay_gives(tmp_path: Path, fmt: str
 def test_an_empty_compacted_store_opens_through_its_hint(tmp_path: Path) -> None:
     path = str(tmp_path / "s")
     with mpkv.Store(path, auto_compact=False) as s:
-        s["gone"] = "x" * 100
+        s["gone"] = "x" * 1000
         del s["gone"]
         s.compact()
     (output,) = _outputs(path)
@@ -102,7 +105,8 @@ def test_open_through_hints_leaves_large_values_in_the_file(tmp_path: Path) -> N
     with SegmentReads() as reads, mpkv.Store(path) as s:
         assert not set(reads.files) & set(_outputs(path))
         handles = [k for k, v in s._view.items() if type(v) is int]
-        assert "utf8-66-bytes" in handles and "utf8-64-bytes" not in handles
+        assert "utf8-in-file" in handles and "utf8-inline" not in handles
+        assert "edge-in-file" in handles and "edge-inline" not in handles
         files = {s._values.files[s._view[k] >> 32] for k in handles}  # type: ignore[operator]
         assert all(vf.map is None for vf in files)
         assert {k: s[k] for k in handles} == {k: expect[k] for k in handles}
@@ -113,7 +117,7 @@ def test_a_damaged_out_of_line_value_read_through_a_hint_is_corruption(
     path = str(tmp_path / "s")
     _build(path)
     with mpkv.Store(path) as s:
-        handle = s._view["utf8-66-bytes"]
+        handle = s._view["utf8-in-file"]
         assert type(handle) is int
         vf = s._values.files[handle >> 32]
         offset, file = vf.offsets[handle & 0xFFFFFFFF], vf.file
@@ -124,7 +128,7 @@ def test_a_damaged_out_of_line_value_read_through_a_hint_is_corruption(
         finally:
             os.close(fd)
         with pytest.raises(mpkv.CorruptionError):
-            s.get("utf8-66-bytes")
+            s.get("utf8-in-file")
 
 
 # --- hints that must be ignored -------------------------------------------------------
@@ -263,7 +267,7 @@ def test_hints_of_a_compaction_that_did_not_commit_are_tidied(tmp_path: Path) ->
     meta = read_meta(path)
     assert isinstance(meta, Meta)
     number = max(int(n[:12]) for n in os.listdir(path) if n.endswith(".seg")) - 1
-    outs = compaction.write_outputs(path, meta.codec, {"zombie": "z" * 100},
+    outs = compaction.write_outputs(path, meta.codec, {"zombie": "z" * 1000},
                                     meta.max_segment_bytes, number)
     os.rename(outs[0].path, os.path.join(path, f"{number:012d}.0001.seg"))
     stray = f"{number:012d}.0001.seg"
@@ -285,7 +289,7 @@ def test_a_later_compaction_removes_the_hints_of_its_inputs(tmp_path: Path) -> N
     before = set(hints.names(path))
     Path(path, ".mpkv", "hints", ".hint-0123.tmp").write_bytes(b"left by a crash")
     with mpkv.Store(path, auto_compact=False) as s:
-        s["more"] = "m" * 200
+        s["more"] = "m" * 1000
         s.compact()
     after = set(hints.names(path))
     assert after == set(_outputs(path)) and not after & before
