@@ -52,6 +52,14 @@ class Refs(Protocol):
         ...
 
 
+class Spans(NamedTuple):
+    """Where an encoded state record keeps its values: for each item it holds, in order,
+    the value's byte offset in the record and its length in bytes (UTF-8 for str)."""
+
+    starts: array[int]
+    sizes: array[int]
+
+
 class Puts(NamedTuple):
     """Puts of distinct keys in two columns (compaction output): applies at C speed."""
 
@@ -125,9 +133,20 @@ class Codec:
     def _encode(self, ops: list[Op], limit: int) -> list[tuple[bytes, int]]:
         raise NotImplementedError
 
-    def encode_state(self, items: list[tuple[str, Value]], limit: int) -> list[tuple[bytes, int]]:
-        """Encode live state (distinct keys, puts only) in the form fastest to read back."""
-        return self.encode(list[Op](items), limit)
+    def encode_state(self, items: list[tuple[str, Value]], limit: int,
+                     spans: list[Spans] | None = None) -> list[tuple[bytes, int]]:
+        """Encode live state (distinct keys, puts only) in the form fastest to read back.
+        ``spans`` (when given) receives, per record, where its values are (a hint file
+        is made of them, hints.py): the records hold the items in order."""
+        records = self.encode(list[Op](items), limit)
+        if spans is not None:
+            for (record, _), (key, _) in zip(records, items, strict=True):
+                spans.append(self._op_span(record, key))
+        return records
+
+    def _op_span(self, record: bytes, key: str) -> Spans:
+        """Where the value of a record holding the one put of ``key`` is."""
+        raise NotImplementedError
 
     def decode(self, buf: bytes, refs: Refs | None = None, base: int = 0) -> Decoded:
         """Decode every complete, valid record at the start of ``buf``. With ``refs``,
@@ -254,7 +273,8 @@ class BinaryCodec(Codec):
             records.append((record, len(record)))
         return records
 
-    def encode_state(self, items: list[tuple[str, Value]], limit: int) -> list[tuple[bytes, int]]:
+    def encode_state(self, items: list[tuple[str, Value]], limit: int,
+                     spans: list[Spans] | None = None) -> list[tuple[bytes, int]]:
         records: list[tuple[bytes, int]] = []
         chunk: list[tuple[str, Value]] = []
         size = 0
@@ -262,21 +282,51 @@ class BinaryCodec(Codec):
             chunk.append(item)
             size += len(item[0]) + len(item[1])
             if size >= _PACKED_TARGET:
-                records += self._packed_within(chunk, limit)
+                records += self._packed_within(chunk, limit, spans)
                 chunk, size = [], 0
         if chunk:
-            records += self._packed_within(chunk, limit)
+            records += self._packed_within(chunk, limit, spans)
         return records
 
-    def _packed_within(self, items: list[tuple[str, Value]], limit: int
-                       ) -> list[tuple[bytes, int]]:
+    def _packed_within(self, items: list[tuple[str, Value]], limit: int,
+                       spans: list[Spans] | None) -> list[tuple[bytes, int]]:
         record = self._encode_packed(items)
         if len(record) <= limit or len(items) == 1:
             if len(record) <= limit:
+                if spans is not None:
+                    spans.append(self._packed_spans(record, items))
                 return [(record, len(record))]
-            return self.encode(list[Op](items), limit)
+            return super().encode_state(items, limit, spans)  # one put, over the limit
         half = len(items) // 2
-        return self._packed_within(items[:half], limit) + self._packed_within(items[half:], limit)
+        return (self._packed_within(items[:half], limit, spans)
+                + self._packed_within(items[half:], limit, spans))
+
+    def _op_span(self, record: bytes, key: str) -> Spans:
+        start = self.hsize + ENTRY.size + len(key.encode("utf-8"))
+        return Spans(array("I", [start]), array("I", [len(record) - start]))
+
+    def _packed_spans(self, record: bytes, items: list[tuple[str, Value]]) -> Spans:
+        """Where ``_encode_packed`` put each value: str values are consecutive in their
+        blob, bytes values in the next one."""
+        n, kl, sl, _ = PACKED.unpack_from(record, self.hsize)
+        at = self.hsize + PACKED.size + 9 * n + kl
+        values = [v for _, v in items]
+        sizes = array("I", map(len, values))
+        if sum(len(v) for v in values if isinstance(v, str)) != sl:  # not all ASCII
+            sizes = array("I", (len(v.encode("utf-8")) if isinstance(v, str) else len(v)
+                                for v in values))
+        if all(isinstance(v, str) for v in values) or all(isinstance(v, bytes) for v in values):
+            return Spans(array("I", accumulate(sizes[:-1], initial=at)), sizes)
+        starts = array("I")
+        spos, bpos = at, at + sl
+        for value, size in zip(values, sizes, strict=True):
+            if isinstance(value, str):
+                starts.append(spos)
+                spos += size
+            else:
+                starts.append(bpos)
+                bpos += size
+        return Spans(starts, sizes)
 
     def _encode_packed(self, items: list[tuple[str, Value]]) -> bytes:
         """Columns: key lengths (code points), value kinds, value lengths (code points
@@ -570,6 +620,10 @@ class TextCodec(Codec):
             line = f"D|{key}\n" if value is None else f"P|{key}|{value}\n"
             out.append((line.encode("utf-8"), len(line)))
         return out
+
+    def _op_span(self, record: bytes, key: str) -> Spans:
+        start = 3 + len(key.encode("utf-8"))  # P|key|value\n
+        return Spans(array("I", [start]), array("I", [len(record) - start - 1]))
 
     @staticmethod
     def _parse(line: str) -> Op | None:

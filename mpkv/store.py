@@ -629,10 +629,10 @@ class Store(LogView, StoreMapping):
             horizon: list[UnitPos] = []
             state = compaction.replay(self.path, self._codec,
                                       progress(sealed) if progress else sealed, horizon)
-            outputs = compaction.write_outputs(self.path, self._codec, state,
-                                               self.max_segment_bytes)
-            after = sum(o.size for o in outputs)
             number = parse_name(sealed[-1])[0]  # type: ignore[index]
+            outputs = compaction.write_outputs(self.path, self._codec, state,
+                                               self.max_segment_bytes, number)
+            after = sum(o.size for o in outputs)
             with self._write_mutex:
                 self._still_open()
                 self._lock()
