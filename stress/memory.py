@@ -554,13 +554,26 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="mpkv-memory-", dir=args.tmp)
     report = Report()
     stores = Stores(root, trees)
+    home = os.getcwd()
+    # `python -c` and `-m` put the working directory first on sys.path: children run
+    # in the scratch directory, or a checkout's root as working directory would hide
+    # the tree they are told to import.
+    os.chdir(root)
     try:
+        for t in trees:
+            where = subprocess.run([sys.executable, "-c", "import mpkv; print(mpkv.__file__)"],
+                                   capture_output=True, text=True, env=t.env(),
+                                   check=True).stdout.strip()
+            if Path(where).resolve().parents[1] != t.root:
+                raise SystemExit(f"{t.label}: its processes import mpkv from {where}, "
+                                 f"not from {t.root}")
         run = {"memory": part_memory, "open": part_open, "compact": part_compact,
                "get": part_get, "open-table": part_open_table}
         for name in PARTS:
             if name in chosen:
                 run[name](args, trees, stores, report)
     finally:
+        os.chdir(home)
         shutil.rmtree(root, ignore_errors=True)
     report.table("**Targets** (this tree)", ["target", "this run", "met"],
                  [[w, v, "yes" if ok else "**no**"] for w, v, ok in report.targets])
