@@ -15,7 +15,8 @@ import zlib
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, compress, repeat
+from operator import itemgetter
 from typing import Any, NamedTuple, Protocol, Union
 
 Value = Union[str, bytes]
@@ -310,12 +311,13 @@ class BinaryCodec(Codec):
         blob, bytes values in the next one."""
         n, kl, sl, _ = PACKED.unpack_from(record, self.hsize)
         at = self.hsize + PACKED.size + 9 * n + kl
-        values = [v for _, v in items]
+        values = list(map(itemgetter(1), items))
         sizes = array("I", map(len, values))
-        if sum(len(v) for v in values if isinstance(v, str)) != sl:  # not all ASCII
-            sizes = array("I", (len(v.encode("utf-8")) if isinstance(v, str) else len(v)
-                                for v in values))
-        if all(isinstance(v, str) for v in values) or all(isinstance(v, bytes) for v in values):
+        is_str = list(map(isinstance, values, repeat(str)))
+        if sum(compress(sizes, is_str)) != sl:  # not all ASCII: sizes in bytes
+            sizes = array("I", map(len, map(str.encode, values))) if all(is_str) else array(
+                "I", (len(v.encode("utf-8")) if isinstance(v, str) else len(v) for v in values))
+        if all(is_str) or not any(is_str):  # one blob: no Python code per value
             return Spans(array("I", accumulate(sizes[:-1], initial=at)), sizes)
         starts = array("I")
         spos, bpos = at, at + sl

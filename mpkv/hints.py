@@ -25,6 +25,8 @@ import zlib
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import Any
 
 from .codec import BYTES_VALUE, STR_VALUE, Puts, Spans, Value, _slices
@@ -46,6 +48,7 @@ HEAD = struct.Struct("<8sIIIQIQQqQIIIIQQQ")
 KEYS_JOINED = 1
 #: Kinds of an entry: the value inline (str, bytes) or in the output (str, bytes).
 INLINE_STR, INLINE_BYTES, FILE_STR, FILE_BYTES = 1, 2, 3, 4
+_STR_KINDS = (INLINE_STR, FILE_STR)  # by "is the value in the file"
 _VALID_KINDS = bytes([INLINE_STR, INLINE_BYTES, FILE_STR, FILE_BYTES])
 #: kinds of the in-file entries, as ``keydir.ValueFile`` counts them
 _FILE_KIND = bytes.maketrans(bytes([FILE_STR, FILE_BYTES]), bytes([STR_VALUE, BYTES_VALUE]))
@@ -83,21 +86,39 @@ class Builder:
             spans: Spans) -> None:
         """The items of one record, written at offset ``base`` of the output, whose
         values ``spans`` locates in ``record``."""
-        view, crc32, limit = memoryview(record), zlib.crc32, self.inline_max
-        for (_, value), start, size in zip(items, spans.starts, spans.sizes, strict=True):
+        values = list(map(itemgetter(1), items))
+        big = list(map(self.inline_max.__lt__, spans.sizes))
+        if not all(map(isinstance, values, repeat(str))):
+            self._add_mixed(record, base, values, big, spans)
+        else:  # the common case, with no Python code per item
+            self.kinds += bytes(map(_STR_KINDS.__getitem__, big))
+            self.strs += compress(values, map(operator.not_, big))
+            starts = array("I", compress(spans.starts, big))
+            lengths = array("I", compress(spans.sizes, big))
+            self.offsets.extend(map(base.__add__, starts))
+            self.lengths.extend(lengths)
+            self.crcs.extend(map(zlib.crc32, map(memoryview(record).__getitem__,
+                                                 map(slice, starts, map(operator.add, starts,
+                                                                        lengths)))))
+        self.keys += map(itemgetter(0), items)
+
+    def _add_mixed(self, record: bytes, base: int, values: list[Value], big: list[bool],
+                   spans: Spans) -> None:
+        view = memoryview(record)
+        for value, start, size, out in zip(values, spans.starts, spans.sizes, big,
+                                           strict=True):
             is_str = isinstance(value, str)
-            if size > limit:
+            if out:
                 self.kinds.append(FILE_STR if is_str else FILE_BYTES)
                 self.offsets.append(base + start)
                 self.lengths.append(size)
-                self.crcs.append(crc32(view[start : start + size]))
+                self.crcs.append(zlib.crc32(view[start : start + size]))
             elif is_str:
                 self.kinds.append(INLINE_STR)
                 self.strs.append(value)  # type: ignore[arg-type]
             else:
                 self.kinds.append(INLINE_BYTES)
                 self.raws.append(value)  # type: ignore[arg-type]
-        self.keys += [key for key, _ in items]
 
     def encode(self, number: int, part: int, st: os.stat_result, units: int) -> bytes:
         """The hint of output ``number.part``, whose ``fstat`` after its last write is
