@@ -15,7 +15,8 @@ import zlib
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, compress, repeat
+from operator import itemgetter
 from typing import Any, NamedTuple, Protocol, Union
 
 Value = Union[str, bytes]
@@ -42,6 +43,23 @@ class Refs(Protocol):
         """Note the value of ``length`` bytes at ``offset`` of the file; its handle."""
         ...
 
+    def next_handle(self) -> int:
+        """The handle the next value noted will get."""
+        ...
+
+    def extend(self, offsets: Iterable[int], lengths: Iterable[int], crcs: Iterable[int],
+               kinds: bytes) -> range:
+        """Note many values at once; their handles, in order."""
+        ...
+
+
+class Spans(NamedTuple):
+    """Where an encoded state record keeps its values: for each item it holds, in order,
+    the value's byte offset in the record and its length in bytes (UTF-8 for str)."""
+
+    starts: array[int]
+    sizes: array[int]
+
 
 class Puts(NamedTuple):
     """Puts of distinct keys in two columns (compaction output): applies at C speed."""
@@ -55,11 +73,13 @@ Batch = Union[list[Op], Puts]
 
 
 class Encoded(NamedTuple):
-    """A record of encoded live state: its bytes, size units, and the items it holds."""
+    """A record of encoded live state: its bytes, size units, the items it holds, and
+    (when asked for) where their values are in it."""
 
     data: bytes
     units: int
     items: list[tuple[str, Value]]
+    spans: Spans | None
 
 
 def ops_of(batch: Batch) -> list[Op]:
@@ -124,32 +144,40 @@ class Codec:
     def _encode(self, ops: list[Op], limit: int) -> list[tuple[bytes, int]]:
         raise NotImplementedError
 
-    def encode_state(self, items: Iterable[tuple[str, Value]], limit: int
-                     ) -> Iterator[Encoded]:
-        """Encode live state (distinct keys, puts only) in the form fastest to read back.
-        Records come as the items do: about ``_PACKED_TARGET`` bytes of items at a time
-        are held, so a caller streaming items from files holds no more of them."""
+    def encode_state(self, items: Iterable[tuple[str, Value]], limit: int,
+                     spans: bool = False) -> Iterator[Encoded]:
+        """Encode live state (distinct keys, puts only) in the form fastest to read back,
+        the items in order. Records come as the items do: about ``_PACKED_TARGET``
+        bytes of items at a time are held, so a caller streaming items from files holds
+        no more of them. With ``spans``, each record says where its values are (a hint
+        file is made of them, hints.py)."""
         chunk: list[tuple[str, Value]] = []
         size = 0
         for item in items:
             chunk.append(item)
             size += len(item[0]) + len(item[1])
             if size >= _PACKED_TARGET:
-                yield from self._state_records(chunk, limit)
+                yield from self._state_records(chunk, limit, spans)
                 chunk, size = [], 0
         if chunk:
-            yield from self._state_records(chunk, limit)
+            yield from self._state_records(chunk, limit, spans)
 
-    def _state_records(self, items: list[tuple[str, Value]], limit: int) -> list[Encoded]:
+    def _state_records(self, items: list[tuple[str, Value]], limit: int, spans: bool
+                       ) -> list[Encoded]:
         """Records of ``items`` (about ``_PACKED_TARGET`` bytes of them)."""
-        return self._one_per_item(items, limit)
+        return self._one_per_item(items, limit, spans)
 
-    def _one_per_item(self, items: list[tuple[str, Value]], limit: int) -> list[Encoded]:
+    def _one_per_item(self, items: list[tuple[str, Value]], limit: int, spans: bool
+                      ) -> list[Encoded]:
         """One record per put (the codec's records of single ops)."""
         records = self.encode(list[Op](items), limit)
         assert len(records) == len(items)
-        return [Encoded(data, units, [item])
+        return [Encoded(data, units, [item], self._op_span(data, item[0]) if spans else None)
                 for (data, units), item in zip(records, items, strict=True)]
+
+    def _op_span(self, record: bytes, key: str) -> Spans:
+        """Where the value of a record holding the one put of ``key`` is."""
+        raise NotImplementedError
 
     def decode(self, buf: bytes, refs: Refs | None = None, base: int = 0) -> Decoded:
         """Decode every complete, valid record at the start of ``buf``. With ``refs``,
@@ -161,6 +189,11 @@ class Codec:
     def next_valid(self, buf: bytes, start: int) -> int:
         """Offset of the first valid record after ``start`` (``len(buf)`` if none): where
         reading can resume after damage."""
+        raise NotImplementedError
+
+    def single_value(self, record: bytes) -> tuple[int, int, int]:
+        """``(offset in the record, length in bytes, kind)`` of the value of a record
+        this codec encoded for one put (where a reader finds it, without decoding)."""
         raise NotImplementedError
 
 
@@ -223,6 +256,12 @@ class BinaryCodec(Codec):
         lts = _LTS.pack(length, rtype, SYNC)
         return lts + struct.pack("<I", zlib.crc32(lts))
 
+    def single_value(self, record: bytes) -> tuple[int, int, int]:
+        op, klen, vlen = ENTRY.unpack_from(record, self.hsize)
+        at = self.hsize + ENTRY.size + klen
+        assert op in (OP_PUT_STR, OP_PUT_BYTES) and at + vlen == len(record), "one put"
+        return at, vlen, op
+
     def _head_ok(self, buf: bytes, pos: int) -> bool:
         """Framing 2: the header at ``pos`` (all there) is one a writer wrote."""
         _, _, _, sync, hcrc = HEADER_V2.unpack_from(buf, pos)
@@ -265,17 +304,49 @@ class BinaryCodec(Codec):
             records.append((record, len(record)))
         return records
 
-    def _state_records(self, items: list[tuple[str, Value]], limit: int) -> list[Encoded]:
-        return self._packed_within(items, limit)
+    def _state_records(self, items: list[tuple[str, Value]], limit: int, spans: bool
+                       ) -> list[Encoded]:
+        return self._packed_within(items, limit, spans)
 
-    def _packed_within(self, items: list[tuple[str, Value]], limit: int) -> list[Encoded]:
+    def _packed_within(self, items: list[tuple[str, Value]], limit: int, spans: bool
+                       ) -> list[Encoded]:
         record = self._encode_packed(items)
         if len(record) <= limit or len(items) == 1:
             if len(record) <= limit:
-                return [Encoded(record, len(record), items)]
-            return self._one_per_item(items, limit)
+                return [Encoded(record, len(record), items,
+                                self._packed_spans(record, items) if spans else None)]
+            return self._one_per_item(items, limit, spans)  # one put, over the limit
         half = len(items) // 2
-        return self._packed_within(items[:half], limit) + self._packed_within(items[half:], limit)
+        return (self._packed_within(items[:half], limit, spans)
+                + self._packed_within(items[half:], limit, spans))
+
+    def _op_span(self, record: bytes, key: str) -> Spans:
+        start = self.hsize + ENTRY.size + len(key.encode("utf-8"))
+        return Spans(array("I", [start]), array("I", [len(record) - start]))
+
+    def _packed_spans(self, record: bytes, items: list[tuple[str, Value]]) -> Spans:
+        """Where ``_encode_packed`` put each value: str values are consecutive in their
+        blob, bytes values in the next one."""
+        n, kl, sl, _ = PACKED.unpack_from(record, self.hsize)
+        at = self.hsize + PACKED.size + 9 * n + kl
+        values = list(map(itemgetter(1), items))
+        sizes = array("I", map(len, values))
+        is_str = list(map(isinstance, values, repeat(str)))
+        if sum(compress(sizes, is_str)) != sl:  # not all ASCII: sizes in bytes
+            sizes = array("I", map(len, map(str.encode, values))) if all(is_str) else array(
+                "I", (len(v.encode("utf-8")) if isinstance(v, str) else len(v) for v in values))
+        if all(is_str) or not any(is_str):  # one blob: no Python code per value
+            return Spans(array("I", accumulate(sizes[:-1], initial=at)), sizes)
+        starts = array("I")
+        spos, bpos = at, at + sl
+        for value, size in zip(values, sizes, strict=True):
+            if isinstance(value, str):
+                starts.append(spos)
+                spos += size
+            else:
+                starts.append(bpos)
+                bpos += size
+        return Spans(starts, sizes)
 
     def _encode_packed(self, items: list[tuple[str, Value]]) -> bytes:
         """Columns: key lengths (code points), value kinds, value lengths (code points
@@ -481,6 +552,13 @@ class BinaryCodec(Codec):
         pos, n, hsize = 0, len(buf), self.hsize
         view = memoryview(buf)
         head, entry, crc32 = HEADER.unpack_from, ENTRY.unpack_from, zlib.crc32
+        # Values the loop below leaves in the file, noted in ``refs`` in one call at the
+        # end (or before another path notes one): handle of the next is first + count.
+        offsets: list[int] = []
+        lengths: list[int] = []
+        crcs: list[int] = []
+        limit = refs.inline_max if refs is not None else -1
+        first = refs.next_handle() if refs is not None else 0
         while pos + hsize <= n:
             # Inlined for speed (replay of a large log is this loop); any doubt falls
             # back to the general checks below, which also say what is wrong.
@@ -494,10 +572,13 @@ class BinaryCodec(Codec):
                 start = pos + hsize + ENTRY.size
                 if start + klen + vlen == end and op == OP_PUT_STR:  # one put of a str
                     try:
-                        if refs is not None and vlen > refs.inline_max:
+                        if 0 <= limit < vlen:
                             at = start + klen
-                            handle = refs.add(base + at, vlen, crc32(view[at:end]), STR_VALUE)
-                            ops = [(buf[start:at].decode("utf-8"), _handle(handle))]
+                            ops = [(buf[start:at].decode("utf-8"),
+                                    _handle(first + len(lengths)))]
+                            offsets.append(base + at)
+                            lengths.append(vlen)
+                            crcs.append(crc32(view[at:end]))
                         else:
                             ops = [(buf[start : start + klen].decode("utf-8"),
                                     buf[start + klen : end].decode("utf-8"))]
@@ -506,14 +587,23 @@ class BinaryCodec(Codec):
             if ops is None:
                 if rtype not in (RECORD_OPS, RECORD_OPS_MORE, RECORD_PACKED):
                     break
+                if lengths:
+                    assert refs is not None
+                    refs.extend(offsets, lengths, crcs, bytes([STR_VALUE]) * len(lengths))
+                    offsets, lengths, crcs = [], [], []
                 ops = self._payload(buf, pos, end, refs, base)
                 if ops is None:
                     break
+                if refs is not None:
+                    first = refs.next_handle()
             batches.append(ops)
             ends.append(end)
             units.append(end - pos)
             more.append(rtype == RECORD_OPS_MORE)
             pos = end
+        if lengths:
+            assert refs is not None
+            refs.extend(offsets, lengths, crcs, bytes([STR_VALUE]) * len(lengths))
         if pos < n:
             end, problem = self._record_end(buf, pos)
             out.problem = problem or "malformed entries in a record with a valid checksum"
@@ -551,6 +641,10 @@ class TextCodec(Codec):
             out.append((line.encode("utf-8"), len(line)))
         return out
 
+    def _op_span(self, record: bytes, key: str) -> Spans:
+        start = 3 + len(key.encode("utf-8"))  # P|key|value\n
+        return Spans(array("I", [start]), array("I", [len(record) - start - 1]))
+
     @staticmethod
     def _parse(line: str) -> Op | None:
         if line.startswith("P|"):
@@ -559,6 +653,11 @@ class TextCodec(Codec):
         if line.startswith("D|") and "|" not in line[2:]:
             return (line[2:], None)
         return None
+
+    def single_value(self, record: bytes) -> tuple[int, int, int]:
+        assert record.startswith(b"P|") and record.endswith(b"\n"), "one put"
+        at = record.index(b"|", 2) + 1  # keys hold no '|'
+        return at, len(record) - 1 - at, STR_VALUE
 
     def next_valid(self, buf: bytes, start: int) -> int:
         # Lines are the unit: skip the damaged one (or the torn remainder).

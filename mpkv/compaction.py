@@ -17,6 +17,7 @@ from itertools import chain, compress, islice, repeat
 from operator import add, and_, itemgetter, rshift, sub
 from typing import NamedTuple
 
+from . import hints
 from .codec import BYTES_VALUE, STR_VALUE, Codec, Puts, Value, apply
 from .errors import CorruptionError, Error
 from .files import create_temp, fsync_dir, make_dir, open_dir, open_regular, write_atomically
@@ -275,41 +276,57 @@ class Output(NamedTuple):
     crc: int
 
 
-def write_outputs(path: str, codec: Codec, state: State, max_units: int) -> list[Output]:
+def write_outputs(path: str, codec: Codec, state: State, max_units: int,
+                  number: int | None = None) -> list[Output]:
     """Write ``state`` into temporary files in ``.mpkv/`` (never taken for segments),
     each within the segment limit and fsynced. Returns them in order. Values left in
     the inputs are read back about a record's worth at a time (``_Inputs.batches``),
-    so memory holds the state and about two records. On any error
-    (a full disk, a damaged input value) the files written so far are removed before it
-    propagates."""
+    so memory holds the state and about two records. On any error (a full disk, a
+    damaged input value) the files and hints written so far are removed before it
+    propagates.
+
+    With ``number`` (the compaction's), each output gets its hint (hints.py), named for
+    the output it becomes: ``number.0001``, ... Hints of outputs that never make it into
+    the log are removed by ``tidy``."""
     aux = os.path.join(path, AUX)
     outputs: list[Output] = []
     f = None
     tmp = ""
     used = size = crc = 0
+    hint: hints.Builder | None = None
 
     def start() -> None:
-        nonlocal f, tmp, used, size, crc
+        nonlocal f, tmp, used, size, crc, hint
         fd, tmp = create_temp(aux, f"{TMP_PREFIX}{len(outputs)}-")
         f = os.fdopen(fd, "wb")
         used = size = crc = 0
+        hint = hints.Builder(INLINE_MAX) if number is not None else None
 
     def seal() -> None:
         assert f is not None
         f.flush()
         os.fsync(f.fileno())
+        if hint is not None:
+            assert number is not None
+            # Bound to the file as it is now: the rename into place keeps inode and mtime.
+            data = hint.encode(number, len(outputs) + 1, os.fstat(f.fileno()), used)
+            hints.write(path, segment_name(number, len(outputs) + 1), data)
         f.close()
         outputs.append(Output(tmp, size, crc))
 
     inputs = _Inputs(state.files)
     batches = inputs.batches(state.view)
     try:
-        for data, units, _ in codec.encode_state(chain.from_iterable(batches), max_units):
+        for data, units, items, spans in codec.encode_state(chain.from_iterable(batches),
+                                                            max_units, number is not None):
             if f is None or used + units > max_units:
                 if f is not None:
                     seal()
                 start()
             assert f is not None
+            if hint is not None:
+                assert spans is not None
+                hint.add(data, size, items, spans)
             f.write(data)
             used += units
             size += len(data)
@@ -328,6 +345,8 @@ def write_outputs(path: str, codec: Codec, state: State, max_units: int) -> list
                 os.unlink(gone)
             except FileNotFoundError:
                 pass
+        if number is not None and outputs:
+            hints.remove(path, [segment_name(number, k) for k in range(1, len(outputs) + 1)])
         raise
     finally:
         batches.close()
@@ -376,6 +395,8 @@ def switch(path: str, outputs: list[Output], number: int, inputs: list[str],
         _retire(path, inputs, needed)
         os.unlink(os.path.join(aux, SWITCH))
         fsync_dir(aux)
+        # (a crash before this: the next compaction's tidy removes them)
+        hints.remove(path, [n for n in inputs if parse_name(n)[1]])  # type: ignore[index]
 
 
 def _retire(path: str, inputs: list[str], needed: int | None) -> None:
@@ -409,7 +430,8 @@ def _retire(path: str, inputs: list[str], needed: int | None) -> None:
 def tidy(path: str, dirlock: DirLock) -> None:
     """Clean up after a compaction that died (compaction lock held): delete its
     temporary files and the outputs it renamed before its switch was committed (the
-    log ignores them: their segment b is still there), or finish its committed switch.
+    log ignores them: their segment b is still there), or finish its committed switch;
+    and delete every hint but those of the log's outputs.
 
     Inputs are deleted only on the word of a marker that checks out, contents included:
     a stray or damaged marker raises CorruptionError and nothing is deleted."""
@@ -421,7 +443,8 @@ def tidy(path: str, dirlock: DirLock) -> None:
         check_switch(path, record)
     live = set(log_of(path, names, record))
     dead = [n for n in names if n not in live]  # inputs (committed) or stray outputs
-    if not dead and record is None:
+    stale = [n for n in hints.names(path) if n not in live or not parse_name(n)[1]]  # type: ignore[index]
+    if not dead and record is None and not stale:
         return
     with dirlock.exclusive():
         needed = oldest_needed(path)
@@ -433,4 +456,6 @@ def tidy(path: str, dirlock: DirLock) -> None:
             for name in dead:
                 assert parse_name(name)[1], name  # type: ignore[index]
                 os.unlink(os.path.join(path, name))
-            fsync_dir(path)
+            if dead:
+                fsync_dir(path)
+        hints.remove(path, stale)

@@ -30,15 +30,20 @@ import threading
 import zlib
 from array import array
 from collections import deque
+from collections.abc import Iterable
 
 from .codec import STR_VALUE, Value
 from .errors import CorruptionError
 from .files import open_regular
 
-#: Values of more encoded bytes than this stay in the segment files. At this size a
-#: handle and its table entry (about 50 bytes) cost as much memory as the value held
-#: inline, and an inline read is four times faster than one through a map.
-INLINE_MAX = 64
+#: Values of more encoded bytes than this stay in the segment files. A value left there
+#: costs a handle and a table entry (about 50 bytes) instead of a str or bytes object
+#: (about 40 bytes plus the value), so from about 16 bytes on it saves memory; but a
+#: read through a map (finding the entry, slicing, checking the CRC) is about five
+#: times slower than a dict lookup. At 128 bytes the small records most programs keep
+#: (counters, short JSON, ids) stay as fast as a dict, and every larger value lives
+#: once, in the page cache.
+INLINE_MAX = 128
 #: At most this many segment files are mapped by one store at a time (each map holds a
 #: descriptor); the oldest map is dropped first and made again when needed.
 MAX_MAPPED = 64
@@ -102,10 +107,13 @@ class ValueFile:
         self.kinds.append(kind)
         return self.fid << _INDEX_BITS | index
 
-    def extend(self, offsets: array[int], lengths: array[int], crcs: array[int],
+    def next_handle(self) -> int:
+        """The handle the next value recorded gets."""
+        return self.fid << _INDEX_BITS | len(self.lengths)
+
+    def extend(self, offsets: Iterable[int], lengths: Iterable[int], crcs: Iterable[int],
                kinds: bytes) -> range:
-        """Record many values at once (from a hint file); their handles, in order."""
-        assert len(offsets) == len(lengths) == len(crcs) == len(kinds)
+        """Record many values at once; their handles, in order."""
         index = len(self.lengths)
         if not index:
             self._registry.files[self.fid] = self
@@ -113,6 +121,8 @@ class ValueFile:
         self.lengths.extend(lengths)
         self.crcs.extend(crcs)
         self.kinds.extend(kinds)
+        assert len(self.offsets) == len(self.lengths) == len(self.crcs) == len(self.kinds), \
+            "one entry per value in every column"
         base = self.fid << _INDEX_BITS
         return range(base + index, base + index + len(kinds))
 

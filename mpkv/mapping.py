@@ -87,12 +87,17 @@ class CopyViews(KeyAccess):
     def _encoded_items(self) -> dict[str, Value]:
         raise NotImplementedError
 
+    def _key_items(self) -> dict[str, Any]:
+        """A point-in-time copy holding at least the keys (values may be anything): a
+        backend whose values are costly to copy gives the keys alone."""
+        return self._encoded_items()
+
     def __iter__(self) -> Iterator[str]:
-        return iter(self._encoded_items())
+        return iter(self._key_items())
 
     def keys(self) -> KeysView[str]:
         """The keys, from a point-in-time copy."""
-        return self._encoded_items().keys()
+        return self._key_items().keys()
 
     def values(self) -> ValuesView[Any]:
         """The (decoded) values, from a point-in-time copy."""
@@ -346,6 +351,14 @@ class StoreMapping(CopyViews, MutableMapping[str, Any]):
     def _encoded_items(self) -> dict[str, Value]:
         tx = self._joined()
         return self._copy() if tx is None else tx._encoded_items()
+
+    def _copy_keys(self) -> dict[str, Any]:
+        """``_copy`` with at least the keys right (values need not be read)."""
+        return self._copy()
+
+    def _key_items(self) -> dict[str, Any]:
+        tx = self._joined()
+        return self._copy_keys() if tx is None else tx._encoded_items()
 
 
     # --- atomic read-modify-write: one transaction each ----------------------------------

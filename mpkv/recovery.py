@@ -10,11 +10,12 @@ into the files it rewrites.
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from . import compaction
-from .codec import Codec, Puts
+from . import compaction, hints
+from .codec import BYTES_VALUE, STR_VALUE, Codec, Puts, ops_of
 from .errors import CorruptionError, FormatError
 from .files import fsync_dir, make_dir, open_regular, read_capped, save_new, write_atomically
 from .locks import DirLock, WriterLock
@@ -70,6 +71,9 @@ class Report:
     quarantined: list[str] = field(default_factory=list)
     #: what repair changed, one sentence each (files rewritten, cut, removed)
     actions: list[str] = field(default_factory=list)
+    #: harmless findings, one sentence each: hints that describe another file than
+    #: their output (it was rewritten or copied): readers ignore them and replay
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -80,6 +84,7 @@ class Report:
         lines = [f"{self.segments} segments, {self.records} records, {self.bytes} bytes"]
         lines += [str(d) for d in self.damage]
         lines += [f"quarantined: {q}" for q in self.quarantined]
+        lines += self.notes
         lines += self.actions
         return "\n".join(lines)
 
@@ -208,7 +213,67 @@ def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Rep
             break
         report.actions.append(f"bridged the missing segments before {gap[1]}")
         log = log_of(path, list_segments(path), None)
+    _check_hints(path, meta, log, fix, report)
     return report
+
+
+def _check_hints(path: str, meta: Meta, log: list[str], fix: bool, report: Report) -> None:
+    """Check the hints of the log's compaction outputs (hints.py). One that fails its
+    own checks, or that is bound to its output but disagrees with the output's records,
+    is damage; one bound to another file (the output was rewritten or copied) is only
+    stale: readers ignore both. With ``fix``, both are removed. Hints of files that are
+    not in the log are left to the next compaction (readers never look at them)."""
+    for name in hints.names(path):
+        if name not in log or not parse_name(name)[1]:  # type: ignore[index]
+            continue
+        number, part = parse_name(name)  # type: ignore[misc]
+        file = hints.hint_path(path, name)
+        try:
+            fd = open_regular(os.path.join(path, name), os.O_RDONLY)
+        except FileNotFoundError:  # compacted away meanwhile: its hint goes too
+            continue
+        try:
+            hint = hints.read(path, name, number, part, fd, meta.max_file_bytes)
+            if isinstance(hint, str):
+                problem, stale = hint, hint.startswith(hints.STALE)
+            else:
+                problem, stale = _hint_disagrees(meta.codec, fd, hint,
+                                                 meta.max_file_bytes), False
+        finally:
+            os.close(fd)
+        if problem == hints.MISSING or not problem:
+            continue
+        if stale:
+            report.notes.append(f"{file}: stale hint, ignored: {problem}")
+        else:
+            size = os.lstat(file).st_size
+            report.damage.append(Damage(file, 0, size, f"hint of {name}: {problem}"))
+        if fix:
+            hints.remove(path, [name])
+            report.actions.append(f"removed {file}")
+
+
+def _hint_disagrees(codec: Codec, fd: int, hint: hints.Hint, max_bytes: int) -> str:
+    """Where a hint that checks out says something else than its output's records
+    ("" when it agrees with them)."""
+    with os.fdopen(os.dup(fd), "rb") as f:
+        data = f.read(max_bytes)
+    dec = codec.decode(data)
+    ops = [op for batch in dec.batches for op in ops_of(batch)]
+    if dec.problem or [k for k, _ in ops] != hint.keys:
+        return "its keys are not the output's keys"
+    for (key, value), said in zip(ops, hint.values(hint.locations()), strict=True):
+        if isinstance(said, tuple):
+            offset, length, crc, kind = said
+            raw = data[offset : offset + length]
+            if zlib.crc32(raw) != crc:
+                return f"the value of {key!r} at offset {offset}: checksum mismatch"
+            encoded = value.encode("utf-8") if isinstance(value, str) else value
+            if raw != encoded or kind != (STR_VALUE if isinstance(value, str) else BYTES_VALUE):
+                return f"the value of {key!r} is not at offset {offset}"
+        elif said != value:
+            return f"the value of {key!r} differs"
+    return ""
 
 
 def _read(file: str, cap: int) -> tuple[bytes, int]:
@@ -301,7 +366,7 @@ def _bridge(path: str, meta: Meta, log: list[str], after: str) -> bool:
         return False
     inputs = log[: log.index(after)]
     state = compaction.replay(path, meta.codec, inputs)
-    outputs = compaction.write_outputs(path, meta.codec, state, meta.max_segment_bytes)
+    outputs = compaction.write_outputs(path, meta.codec, state, meta.max_segment_bytes, bridge)
     dirlock = DirLock(os.path.join(path, AUX, DIRLOCK), writable=True)
     try:
         compaction.switch(path, outputs, bridge, inputs, dirlock)  # records were lost: no horizon

@@ -17,6 +17,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
+from . import hints
 from .codec import (
     HEADER,
     HEADER_V2,
@@ -362,7 +363,7 @@ def check_store_dir(path: str) -> bool:
         raise FormatError(f"{path}: a non-empty directory that is not an mpkv store")
     aux = os.path.join(path, AUX)
     if check_dir(aux):
-        for folder in (READERS, RETAINED, QUARANTINE):
+        for folder in (READERS, RETAINED, QUARANTINE, hints.HINTS):
             check_dir(os.path.join(aux, folder))
     return True
 
@@ -649,6 +650,9 @@ class Cursor:
         self.values: ValueFiles | None = None
         #: The current segment's table in ``values`` (None without ``values``).
         self.refs: ValueFile | None = None
+        #: A key, for a cursor that looks up that key alone: a compaction output's hint
+        #: gives only that key's entry (other segments are read whole). Set by the owner.
+        self.only: str | None = None
         # The log's names (and their folders) as listed once in the current ``read``:
         # one listing per tail step, not one per segment. None: not listed yet.
         self._listing: list[tuple[str, str]] | None = None
@@ -768,7 +772,11 @@ class Cursor:
             if last and limit is not None and limit[1] is not None:
                 size = min(size, limit[1])
             want = _CHUNK
-            while True:  # one chunk at a time: memory stays bounded, whatever the file
+            hinted = not pending and self._from_hint(size, batches, starts)
+            if hinted:
+                start, data, dec = size, b"", Decoded(stop=0)
+                mark = (self.name, self.folder, self.offset, self.units)
+            while not hinted:  # one chunk at a time: memory stays bounded, whatever the file
                 start = self.offset
                 data = os.pread(self.fd, min(want, size - start), start) if size > start else b""
                 at_end = start + len(data) >= size or len(data) < want
@@ -819,6 +827,24 @@ class Cursor:
                     self._rewind(*mark)
                 return batches, (self.offset if torn else None)
             self._enter(*nxt)
+
+    def _from_hint(self, size: int, batches: list[Batch], starts: list[Start] | None
+                   ) -> bool:
+        """Read the whole current segment from its hint (hints.py) when it is a
+        compaction output entered at its start, the view keeps values in the files,
+        and a hint that checks out exists: True, and the cursor is at its end."""
+        if not (self.part and self.offset == 0 and self.refs is not None
+                and self.folder == self.path and self.name is not None):
+            return False
+        loaded = hints.load(self.path, self.name, self.number, self.part, self.fd, self.refs,
+                            self.max_bytes, self.only)
+        if loaded is None:
+            return False
+        batches.append(loaded[0])
+        if starts is not None:
+            starts.append((self.number, self.part, 0))
+        self.offset, self.units = size, loaded[1]
+        return True
 
     def mark(self) -> Mark:
         """The position, for ``restore``."""

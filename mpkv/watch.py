@@ -44,7 +44,7 @@ from .segments import (
 )
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .view import LogView
 
 _TOKEN = re.compile(r"^(\d{12})-(\d{12})-(\d{10})-(\d{10})$")
 #: A parsed position: (segment, unit start offset, index in the unit, changes in the unit).
@@ -145,7 +145,7 @@ class LogWatcher(Iterator[Change]):
     cannot write ``.mpkv/readers/`` reads unregistered and raises CompactedError if
     compaction removes a segment before it has read it."""
 
-    def __init__(self, store: Store, prefix: str, since: Pos | None,
+    def __init__(self, store: LogView, prefix: str, since: Pos | None,
                  timeout: float | None) -> None:
         self._store = store
         self._prefix = prefix

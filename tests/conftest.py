@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -353,6 +354,59 @@ def dir_state(path: str | os.PathLike[str], *, dirs: bool = True) -> dict[str, b
             with _real_open(full, "rb") as fh:
                 out[rel] = fh.read()
     return out
+
+
+# ============================================================================
+# Hint files: what a store looks like without them, and which files open reads
+# ============================================================================
+
+
+def view_entries(store: mpkv.Store) -> list[tuple[str, Any]]:
+    """The store's view in order, each out-of-line value as its ``(length, crc, kind)``
+    (handles themselves differ between two opens): what two opens must agree on."""
+    values = store._values
+    return [(k, ("in file", values.entry(v)) if type(v) is int else v)
+            for k, v in store._view.items()]
+
+
+def replayed(path: str, **opts: Any) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """``(view_entries, items)`` of a fresh open that replays every segment: the hints
+    folder is moved aside meanwhile (a rename keeps every file as it was)."""
+    hints = os.path.join(path, ".mpkv", "hints")
+    aside = os.path.join(path, ".mpkv", "hints-aside")
+    moved = os.path.isdir(hints)
+    if moved:
+        os.rename(hints, aside)
+    try:
+        with mpkv.Store(path, **opts) as s:
+            return view_entries(s), dict(s.items())
+    finally:
+        if moved:
+            os.rename(aside, hints)
+
+
+class SegmentReads:
+    """Records, while installed (a context manager), every ``os.pread`` that
+    ``Cursor.read`` (the log replay) makes, by file name."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+        self._real = os.pread
+
+    def __enter__(self) -> SegmentReads:
+        real = self._real
+
+        def pread(fd: int, n: int, offset: int) -> bytes:
+            caller = sys._getframe(1).f_code
+            if caller.co_name == "read" and caller.co_filename.endswith("segments.py"):
+                self.files.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+            return real(fd, n, offset)
+
+        os.pread = pread
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.pread = self._real
 
 
 # ============================================================================

@@ -64,3 +64,27 @@ def test_bench_quick_runs_from_the_command_line(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     report = (tmp_path / "bench-quick.md").read_text()
     assert "| dict |" in report and (tmp_path / "bench-quick.json").is_file()
+
+
+def test_memory_benchmark_quick_prints_every_table(tmp_path: Path) -> None:
+    """`stress/memory.py --quick --compare REPO` runs every part against two trees (here the
+    same one twice) through the public API and prints each table with both rows, their
+    ratio and the targets; a numbers-free smoke run, nothing is timed."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    r = subprocess.run([sys.executable, str(repo / "stress" / "memory.py"), "--quick",
+                        "--open-table", "--compare", str(repo), "--tmp", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for title in ("**Memory**", "**Open**", "**Compaction**", "**Hot get**",
+                  "**Open time against keys**", "**Targets**"):
+        assert title in r.stdout, title
+    lines = r.stdout.splitlines()
+    for row in ("| mpkv this (", "| mpkv compare (", "| this / compare |"):
+        assert sum(line.startswith(row) for line in lines) == 4, row
+    assert "cannot read" not in r.stdout
+    assert list(tmp_path.iterdir()) == []  # its scratch stores are removed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,7 +93,7 @@ def test_compaction_writes_the_same_records_as_from_a_state_in_memory(
     expected = _old_outputs(path, codec, inputs, limit)
     s.compact()
     outputs = [n for n in sorted(os.listdir(path)) if n.endswith(".seg") and "." in n[:-4]]
-    got = b"".join(open(os.path.join(path, n), "rb").read() for n in outputs)
+    got = b"".join(Path(path, n).read_bytes() for n in outputs)
     assert got == expected
     assert dict(s.items()) == model
     s.close()
@@ -135,16 +136,17 @@ def test_damaged_input_value_fails_compaction_and_leaves_every_file(
     between the replay and the writing of the outputs, when the value is read back (its
     CRC-32 taken at replay catches it, in both formats). Compaction raises
     CorruptionError naming the file, and leaves the directory as it found it: no
-    output, no temporary file, every input intact."""
+    output, no temporary file, no hint, every input intact."""
     if fmt == "text" and when == "before-replay":
         pytest.skip("text records have no checksum: a changed value is just a value")
     path = str(tmp_path / "s")
     marker = b"MARKER-" * 20
-    with mpkv.Store(path, format=fmt, max_segment_bytes=2048, fsync="never",
+    with mpkv.Store(path, format=fmt, max_segment_bytes=64 << 10, fsync="never",
                     auto_compact=False) as s:
-        for i in range(40):
-            s[f"k{i}"] = f"v{i}-" * 30
+        for i in range(600):  # 3 MB first: outputs and hints are written before the damage
+            s[f"k{i}"] = f"v{i}-" * 1000
         s["target"] = "old " * 50
+        s.compact()  # a former output among the inputs; the hints folder exists
         s["target"] = marker.decode() + " new"
         for i in range(40):
             s[f"j{i}"] = f"w{i}"

@@ -1,0 +1,347 @@
+"""The view: what a process knows of the log, and how it keeps up with it.
+
+Every process replays the segments into a dict (the view) and keeps a cursor at the end
+of what it applied. Small values are held in the view; larger ones stay in their
+segment files and the view holds a handle to them (keydir.py). A read compares one
+shared counter with the one it last saw and tails the log only when they differ.
+
+``LogView`` is the part of a store that holds the view: the tail mutex, the seqlock
+version, the cursor, catching up with the log (to the published commit point, or to
+the end of the files when the shared state is untrusted), rebuilding the view from
+scratch after a compaction, and reading values without a lock. The store (store.py)
+adds the writes and the public API on top; watchers (watch.py) use the same limits.
+docs/protocol.md has the protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+from .codec import Batch, Codec, Value, apply
+from .common import fork_epoch
+from .errors import Error
+from .keydir import Moved, ValueFiles
+from .locks import DirLock
+from .mapping import MISSING
+from .segments import Cursor, Limit, Meta, NeedReload, list_log, parse_name, read_intent
+from .shm import SharedState
+
+T = TypeVar("T")
+
+
+class Look(NamedTuple):
+    """Where a read of the log stops, decided from one look at the shared state."""
+
+    seq: int  # the shared counter it was decided at
+    limit: Limit | None  # the end to read to (None: the end of the files)
+    #: None when ``limit`` is a published commit point (or the reader holds the writer
+    #: lock); else the shared state's ``look()`` before reading, to check again after:
+    #: a read to the end of the files is valid only if no writer published meanwhile.
+    check: tuple[bool, int, bool] | None
+
+
+class LogView:
+    """The view of the log a store reads from (see the module's docstring). The fields
+    it uses from its store are set by the store before ``_open_view``."""
+
+    path: str
+    meta: Meta
+    format: str
+    readonly: bool
+    max_staleness: float | None
+    _codec: Codec
+    _shm: SharedState
+    _dirlock: DirLock
+    _epoch: int  # fork_epoch when the files were opened (-1: closed)
+    #: A key this view is for alone (``KeyReader``), or None: the whole state.
+    _only_key: str | None = None
+
+    def _check(self) -> None:
+        raise NotImplementedError  # the store's: closed, or first use after a fork
+
+    def _open_view(self) -> None:
+        """The fields of the view, empty: at open, and in a forked child."""
+        #: Guards the cursor, the view and everything that moves with them (noted below).
+        self._tail_mutex = threading.Lock()
+        #: The seqlock of the view: odd while a batch is being applied. Written under the
+        #: tail mutex; read without a lock by readers, which retry under the mutex.
+        self._version = 0
+        #: key -> encoded value, or the int handle of a value left in its segment file
+        #: (keydir.py). Changed in place under the tail mutex (``_apply``, with the
+        #: version odd) or replaced whole by ``_reload``; read without a lock (seqlock).
+        self._view: dict[str, Value | int] = {}
+        #: Where the view's handles point. Grown by the cursor under the tail mutex and
+        #: replaced with the view by ``_reload`` (first, so that a reader holding a
+        #: handle of the old view finds it unknown and looks again); read without a lock.
+        self._values = ValueFiles()
+        #: The end of what the view holds: read and moved under the tail mutex (by
+        #: writes too: the writer appends at it), replaced whole by ``_reload``.
+        self._cursor = self._new_cursor(self._values)
+        #: The shared counter the view is caught up with. Written under the tail mutex;
+        #: read without a lock by the hot paths (a stale value only sends them to the
+        #: slow path).
+        self._seen_seq = -1
+        self._last_refresh = 0.0  # monotonic time of the last catch-up; as _seen_seq
+
+    # --- tailing -------------------------------------------------------------------
+
+    def _reader_limit(self) -> Look:
+        """Where a reader stops: the published commit point, or, when the shared state
+        is untrusted, the end of the files short of an unfinished text commit."""
+        snap = self._shm.snapshot()
+        if snap is None:
+            return self._untrusted_limit()
+        seq, seg, end = snap
+        return Look(seq, (seg, end), None)
+
+    def _untrusted_limit(self) -> Look:
+        """The untrusted shared state says nothing of the log's end: read to the end of
+        the files, and check afterwards that no writer published meanwhile. A writer
+        that finds the state untrusted publishes before it writes a record, so records
+        read that way were complete before any writer of this boot started: every
+        process keeps them (docs/protocol.md)."""
+        if self._shm.remap():
+            self._remapped()
+            snap = self._shm.snapshot()
+            if snap is not None:
+                return Look(snap[0], (snap[1], snap[2]), None)
+        check = self._shm.look()
+        limit = read_intent(self.path) if self.format == "text" else None
+        return Look(check[1], limit, check)
+
+    def _remapped(self) -> None:
+        """The shared state file appeared and is mapped now: reads watch its counter."""
+        self._q = self._shm.slots
+        self._lazy = self.max_staleness != 0
+
+    def _changed(self, check: tuple[bool, int, bool]) -> bool:
+        if self._shm.remap():
+            self._remapped()
+            return True
+        return self._shm.look() != check
+
+    def _open_limit(self) -> Look:
+        """Where opening stops reading: the published commit point, or the end of the
+        files when they hold more and no writer is at work (the directory was edited),
+        so that such records are seen and checked too. The end is the size measured
+        between two looks at the shared state showing no writer: bytes of a writer
+        starting later are beyond it."""
+        look = self._reader_limit()
+        if look.check is not None or self._shm.inflight:
+            return look
+        seq, limit = look.seq, look.limit
+        assert limit is not None
+        with self._dirlock.shared():  # never a compaction's switch halfway (a gap)
+            names = list_log(self.path)
+        if not names:
+            return look
+        number = parse_name(names[-1])[0]  # type: ignore[index]
+        try:
+            size = os.path.getsize(os.path.join(self.path, names[-1]))
+        except FileNotFoundError:  # compacted away meanwhile: a writer is at work
+            return look
+        if self._shm.inflight or self._shm.seq != seq or (number, size) <= limit:
+            return look
+        return Look(seq, (number, size), None)
+
+    def _catch_up(self, look: Look) -> tuple[int, int | None]:
+        """Apply what the log holds past the cursor, up to the look's limit. Tail mutex
+        held. Returns (records applied, offset of a torn tail or None)."""
+        reload = False  # the cursor is lost: rebuild the view from scratch
+        for _ in range(1000):
+            if not reload:
+                mark = self._cursor.mark()
+                try:
+                    batches, torn = self._cursor.read(look.limit)
+                except NeedReload:
+                    reload = True
+                else:
+                    if look.check is None or not self._changed(look.check):
+                        if batches:
+                            self._apply(batches)
+                        self._seen_seq = look.seq
+                        self._last_refresh = time.monotonic()
+                        return len(batches), torn
+                    try:  # a writer published while we read: what we read may not count
+                        self._cursor.restore(mark)
+                    except NeedReload:
+                        reload = True
+                    look = self._reader_limit()
+                    continue
+            count = self._reload(look)
+            if count is not None:
+                return count, None
+            look = self._reader_limit()
+        raise Error(f"{self.path}: the shared state kept changing while reading the log")
+
+    def _reload(self, look: Look) -> int | None:
+        """Rebuild the view from scratch: files the cursor needed were compacted away.
+        Only the view: watchers read the log with cursors of their own (watch.py), so
+        none of them is fed the difference of two states in place of the changes.
+        None (nothing changed) when a writer published during an untrusted read."""
+        for _ in range(100):
+            values = ValueFiles()
+            cursor = self._new_cursor(values)
+            try:
+                batches, _ = cursor.read(look.limit)
+            except NeedReload:
+                cursor.close()
+                continue
+            if look.check is not None and self._changed(look.check):
+                cursor.close()
+                return None
+            view: dict[str, Value | int] = {}
+            for batch in batches:
+                apply(view, batch)
+            old, old_values = self._view, self._values
+            changed = sum(1 for k, v in view.items()
+                          if not self._same(old.get(k, MISSING), old_values, v, values))
+            changed += sum(1 for k in old if k not in view)
+            self._values = values
+            self._view = view  # one reference store: readers see the old or the new view
+            old_values.close()
+            self._cursor.close()
+            self._cursor = cursor
+            self._seen_seq = look.seq
+            self._last_refresh = time.monotonic()
+            return changed
+        raise Error(f"{self.path}: could not read a stable set of segments (compaction loop?)")
+
+    def _new_cursor(self, values: ValueFiles) -> Cursor:
+        cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock,
+                        self.meta.max_file_bytes)
+        cursor.values = values
+        cursor.only = self._only_key
+        return cursor
+
+    @staticmethod
+    def _same(a: object, a_values: ValueFiles, b: Value | int, b_values: ValueFiles) -> bool:
+        """Do two values of the view (of two builds of it) hold the same value?"""
+        if type(a) is int and type(b) is int:
+            entry = a_values.entry(a)
+            return entry is not None and entry == b_values.entry(b)
+        return a == b
+
+    def _apply(self, batches: list[Batch]) -> None:
+        """Change the view; tail mutex held. The version is odd meanwhile, so optimistic
+        readers retry (a seqlock): a batch is seen whole or not at all."""
+        view = self._view
+        self._version += 1
+        try:
+            for batch in batches:
+                apply(view, batch)
+        finally:
+            self._version += 1
+
+    def _fresh(self) -> None:
+        """Make the view fresh enough for a read, per ``max_staleness``."""
+        if self._epoch != fork_epoch[0]:
+            self._check()
+        if self.max_staleness is None:
+            return
+        if self.max_staleness == 0:
+            if self._shm.seq == self._seen_seq and self._shm.backed:
+                return
+        elif time.monotonic() - self._last_refresh < self.max_staleness:
+            return
+        with self._tail_mutex:
+            self._catch_up(self._reader_limit())
+
+    # --- reading the view without a lock -------------------------------------------
+    #
+    # Readers take no lock: they note the view's version, read, and check the version
+    # did not move (nor was odd: a batch half applied). If it did, they read again under
+    # the tail mutex, which every writer of the view holds. Reads run in parallel and
+    # never delay a writer.
+
+    def _read_value(self, handle: int) -> Value | None:
+        """The value of a handle of the view, read without a lock; None when the view was
+        replaced meanwhile or the file is gone (look again under the tail mutex)."""
+        try:
+            return self._values.read(handle)
+        except Moved:
+            return None
+
+    def _get_locked(self, key: str) -> Any:
+        """The encoded value of ``key`` or MISSING; tail mutex held. A value whose file a
+        compaction removed (and this process had not mapped) is read from the new files:
+        the view is rebuilt from them first."""
+        for _ in range(3):
+            value = self._view.get(key, MISSING)
+            if value.__class__ is not int:
+                return value
+            try:
+                got = self._values.read(value)
+            except Moved:
+                got = None
+            if got is not None:
+                return got
+            self._rebuild()
+        raise Error(f"{self.path}: the value of {key!r} could not be read: its segment "
+                    "keeps being replaced")
+
+    def _rebuild(self) -> None:
+        """Rebuild the view from the log's current files; tail mutex held."""
+        for _ in range(100):
+            if self._reload(self._reader_limit()) is not None:
+                return
+        raise Error(f"{self.path}: the shared state kept changing while reading the log")
+
+    def _encoded(self, key: str) -> Any:
+        """The encoded value of ``key`` or MISSING, as of the view now (no catching up)."""
+        version = self._version
+        value = self._view.get(key, MISSING)
+        if value.__class__ is int:
+            value = self._read_value(value)
+        if version != self._version or version & 1 or value is None:
+            with self._tail_mutex:
+                return self._get_locked(key)
+        return value
+
+    def _copy_now(self) -> dict[str, Value]:
+        """``_copy`` of the view as it is, without catching up first."""
+        version = self._version
+        values = self._values
+        view = dict(self._view)
+        if version == self._version and not version & 1:
+            copy = self._resolved(view, values)
+            if copy is not None:
+                return copy
+        with self._tail_mutex:
+            for _ in range(3):
+                copy = self._resolved(dict(self._view), self._values)
+                if copy is not None:
+                    return copy
+                self._rebuild()
+        raise Error(f"{self.path}: values could not be read: their segments keep being "
+                    "replaced")
+
+    @staticmethod
+    def _resolved(view: dict[str, Value | int], values: ValueFiles) -> dict[str, Value] | None:
+        """``view`` with every handle replaced by its value (in place); None if one of
+        them is not of ``values`` or its file is gone."""
+        read = values.read
+        try:
+            for key, value in view.items():
+                if value.__class__ is int:
+                    got = read(value)
+                    if got is None:
+                        return None
+                    view[key] = got
+        except Moved:
+            return None
+        return view  # type: ignore[return-value]
+
+    def _consistent(self, read: Callable[[dict[str, Value | int]], T]) -> T:
+        """``read(view)`` on a fresh enough view that no batch is half applied to."""
+        self._fresh()
+        version = self._version
+        result = read(self._view)
+        if version == self._version and not version & 1:
+            return result
+        with self._tail_mutex:
+            return read(self._view)
