@@ -24,7 +24,7 @@ from collections.abc import (
     Iterable,
     Iterator,
 )
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
 from . import compaction, snapshot
@@ -33,9 +33,10 @@ from .common import check_options, fork_epoch
 from .durability import Durability
 from .errors import ClosedError, Error, FormatError, LockTimeout, ReadOnlyError
 from .locks import CompactionLock, DirLock, WriterLock
-from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint
+from .mapping import MISSING, StoreMapping, TransactionMapping, open_block, savepoint
 from .segments import (
     AUX,
+    COMPACT_LOCK,
     DEFAULT_MAX_SEGMENT_BYTES,
     DIRLOCK,
     LOCK,
@@ -63,7 +64,6 @@ from .view import LogView, Look
 from .watch import LogWatcher, check_prefix, check_timeout, parse_position, unit_token
 from .writer import LogWriter
 
-COMPACT_LOCK = "compact.lock"
 AUTO_COMPACT_MIN_BYTES = 4 << 20  # no auto-compaction below this much sealed data...
 AUTO_COMPACT_GARBAGE = 0.5  # ... or while dead records are less than this fraction
 T = TypeVar("T")
@@ -543,17 +543,9 @@ class Store(LogView, StoreMapping):
             try:
                 with self._tail_mutex:
                     self._sync_with_log()
-                tx = Transaction(self)
-                self._local.tx = tx
-                self._open_tx += 1
-                failed = True
-                try:
+                # The write mutex, held, guards the count of open blocks.
+                with open_block(self, Transaction(self), nullcontext()) as tx:
                     yield tx
-                    failed = False
-                finally:
-                    self._open_tx -= 1
-                    self._local.tx = None
-                    tx._end(failed)
                 if tx._ops:
                     ops: list[Op] = tx._ops
                     records = self._writer.encode(ops)
