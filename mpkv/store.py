@@ -36,6 +36,7 @@ from .locks import CompactionLock, DirLock, WriterLock
 from .mapping import MISSING, StoreMapping, TransactionMapping, open_block, savepoint
 from .segments import (
     AUX,
+    COMPACT_LOCK,
     DEFAULT_MAX_SEGMENT_BYTES,
     DIRLOCK,
     LOCK,
@@ -63,7 +64,6 @@ from .view import LogView, Look
 from .watch import LogWatcher, check_prefix, check_timeout, parse_position, unit_token
 from .writer import LogWriter
 
-COMPACT_LOCK = "compact.lock"
 AUTO_COMPACT_MIN_BYTES = 4 << 20  # no auto-compaction below this much sealed data...
 AUTO_COMPACT_GARBAGE = 0.5  # ... or while dead records are less than this fraction
 T = TypeVar("T")
