@@ -726,6 +726,9 @@ class Transaction(TransactionMapping):
     def _committed_keys(self) -> Iterator[str]:
         return iter(self._store._view)  # O(1) to the first key: popitem in a loop is linear
 
+    def _committed_has(self, key: str) -> bool:
+        return key in self._store._view  # the view does not change under the block
+
 
 class KeyReader(Store):
     """A readonly store for reading one key: compaction outputs' hints give only that

@@ -399,3 +399,51 @@ def test_values_spread_over_more_segments_than_maps_read_back_in_every_order(tmp
             t.join()
         assert not errors
         assert fd_count() - before <= keydir.MAX_MAPPED + 8
+
+
+# --- what must read no value file -------------------------------------------------
+
+
+def _damage(path: str, marker: bytes) -> None:
+    for name in os.listdir(path):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            data = Path(file).read_bytes()
+            if marker in data:
+                with open(file, "r+b") as f:
+                    f.seek(data.index(marker) + len(marker) // 2)
+                    f.write(b"\x00")
+                return
+    raise AssertionError(f"{marker!r} not found")
+
+
+def test_transaction_len_in_iteration_delete_and_clear_read_no_value_file(tmp_path,
+                                                                          monkeypatch):
+    """Inside a block (and through store calls that join it) counting, membership,
+    iterating keys, deleting and clearing need no value: a damaged value must not stop
+    them (clear() is how a user gets rid of it), and none may read every value."""
+    path = str(tmp_path / "s")
+    with mpkv.Store(path, fsync="never", auto_compact=False) as s:
+        s.update({"victim": "d" * 500, "other": "o" * 500, "small": "s"})
+        _damage(path, b"d" * 500)
+        with pytest.raises(CorruptionError):
+            s["victim"]
+        reads: list[int] = []
+        real = keydir.ValueFiles.read
+        monkeypatch.setattr(keydir.ValueFiles, "read",
+                            lambda self, handle: reads.append(handle) or real(self, handle))
+        with s.transaction() as tx:
+            assert len(tx) == 3 and len(s) == 3
+            assert "victim" in tx and "victim" in s and "nope" not in tx
+            assert sorted(tx) == sorted(tx.keys()) == sorted(s) == ["other", "small", "victim"]
+            tx["new"] = "n" * 500
+            assert len(tx) == 4 and "new" in tx
+            assert tx.delete("other") is True and "other" not in tx
+            del tx["victim"]
+            assert sorted(tx) == ["new", "small"]
+        assert not reads, "a value file was read"
+        assert sorted(s) == ["new", "small"]
+        s["victim2"] = "e" * 500
+        _damage(path, b"e" * 500)
+        s.clear()
+        assert not reads and len(s) == 0
