@@ -42,6 +42,11 @@ from .segments import (
 TMP_PREFIX = "compact-"
 
 
+#: Replay leaves values of more encoded bytes than this in the inputs. Lower than the
+#: view's ``INLINE_MAX``: compaction reads each value back once, not on every get, so
+#: what counts is memory, and a handle and its table entry (about 50 bytes) cost less
+#: than a value object of more than about 32 bytes.
+LEAVE_OVER = 32
 #: Bytes of the input read at a time by replay: the decoded records of one chunk are
 #: all it holds besides the state.
 _CHUNK = 4 << 20
@@ -56,7 +61,7 @@ _OPEN_MAX = 16
 
 class State(NamedTuple):
     """The live state of sealed segments: each key's value, or the handle (an int) of a
-    value of more than ``INLINE_MAX`` encoded bytes left in its input segment and read
+    value of more than ``LEAVE_OVER`` encoded bytes left in its input segment and read
     back through ``files`` (keydir.py) when it is written out. The Python objects per
     key (the key, a small value or a handle, a dict slot) and 17 bytes of ``files``
     per value read are what compaction holds: not the values."""
@@ -73,7 +78,7 @@ def replay(path: str, codec: Codec, names: Iterable[str],
 
     Each segment is read ``_CHUNK`` bytes at a time (more when one record is larger),
     so memory holds the state and one chunk, whatever the sizes of the segments."""
-    files = ValueFiles(INLINE_MAX)
+    files = ValueFiles(LEAVE_OVER)
     state: dict[str, Value | int] = {}
     horizon: UnitPos = (1, 0, 0)
     begun = (1, 0)

@@ -124,13 +124,15 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def write_temp(folder: str, prefix: str, data: bytes, durable: bool = True) -> str:
-    """``data`` in a new temporary file (see ``create_temp``), fsynced when ``durable``;
-    returns its path. Removed again on any error."""
+def write_temp(folder: str, prefix: str, data: bytes | list[bytes],
+               durable: bool = True) -> str:
+    """``data`` (or its pieces, in order) in a new temporary file (see ``create_temp``),
+    fsynced when ``durable``; returns its path. Removed again on any error."""
     fd, tmp = create_temp(folder, prefix)
     try:
         try:
-            _write_all(fd, data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                _write_all(fd, piece)
             if durable:
                 os.fsync(fd)
         finally:

@@ -70,14 +70,20 @@ def max_hint_bytes(size: int) -> int:
 
 
 class Builder:
-    """One output's hint, collected while the output is written (compaction)."""
+    """One output's hint, collected while the output is written (compaction).
+
+    An output can hold millions of small values: they are kept as one UTF-8 (or bytes)
+    blob per record and a column of lengths, not as an object each, and ``encode``
+    returns the hint in pieces, so the hint costs about its own size in memory once."""
 
     def __init__(self, inline_max: int) -> None:
         self.inline_max = inline_max
-        self.keys: list[str] = []
+        self.keys: list[str] = []  # the compaction state's own key objects
         self.kinds = bytearray()
-        self.strs: list[str] = []
-        self.raws: list[bytes] = []
+        self.strs: list[bytes] = []  # per record: its inline str values, as UTF-8
+        self.str_lengths = array("I")  # code points of each inline str value
+        self.raws: list[bytes] = []  # per record: its inline bytes values, joined
+        self.raw_lengths = array("I")
         self.offsets = array("Q")
         self.lengths = array("I")
         self.crcs = array("I")
@@ -92,7 +98,9 @@ class Builder:
             self._add_mixed(record, base, values, big, spans)
         else:  # the common case, with no Python code per item
             self.kinds += bytes(map(_STR_KINDS.__getitem__, big))
-            self.strs += compress(values, map(operator.not_, big))
+            small: list[str] = list(compress(values, map(operator.not_, big)))
+            self.strs.append("".join(small).encode("utf-8"))
+            self.str_lengths.extend(map(len, small))
             starts = array("I", compress(spans.starts, big))
             lengths = array("I", compress(spans.sizes, big))
             self.offsets.extend(map(base.__add__, starts))
@@ -105,6 +113,8 @@ class Builder:
     def _add_mixed(self, record: bytes, base: int, values: list[Value], big: list[bool],
                    spans: Spans) -> None:
         view = memoryview(record)
+        strs: list[str] = []
+        raws: list[bytes] = []
         for value, start, size, out in zip(values, spans.starts, spans.sizes, big,
                                            strict=True):
             is_str = isinstance(value, str)
@@ -115,36 +125,44 @@ class Builder:
                 self.crcs.append(zlib.crc32(view[start : start + size]))
             elif is_str:
                 self.kinds.append(INLINE_STR)
-                self.strs.append(value)  # type: ignore[arg-type]
+                strs.append(value)  # type: ignore[arg-type]
             else:
                 self.kinds.append(INLINE_BYTES)
-                self.raws.append(value)  # type: ignore[arg-type]
+                raws.append(value)  # type: ignore[arg-type]
+        self.strs.append("".join(strs).encode("utf-8"))
+        self.str_lengths.extend(map(len, strs))
+        self.raws.append(b"".join(raws))
+        self.raw_lengths.extend(map(len, raws))
 
-    def encode(self, number: int, part: int, st: os.stat_result, units: int) -> bytes:
+    def encode(self, number: int, part: int, st: os.stat_result, units: int) -> list[bytes]:
         """The hint of output ``number.part``, whose ``fstat`` after its last write is
-        ``st``, and which holds ``units`` size units."""
+        ``st``, and which holds ``units`` size units: its bytes in pieces, in order."""
         ktext = "\0".join(self.keys)
         flags = KEYS_JOINED
         if ktext.count("\0") != max(len(self.keys) - 1, 0):  # a key holds U+0000
             ktext, flags = "".join(self.keys), 0
         kblob = ktext.encode("utf-8")
-        sblob = "".join(self.strs).encode("utf-8")
-        bblob = b"".join(self.raws)
-        columns = [array("I", map(len, self.keys)), array("I", map(len, self.strs)),
-                   array("I", map(len, self.raws)), self.offsets, self.lengths, self.crcs]
+        del ktext
+        columns = [array("I", map(len, self.keys)), self.str_lengths, self.raw_lengths,
+                   self.offsets, self.lengths, self.crcs]
         if sys.byteorder == "big":
+            columns = [array(c.typecode, c) for c in columns]
             for column in columns:
                 column.byteswap()
         head = HEAD.pack(MAGIC, VERSION, flags, self.inline_max, number, part, st.st_size,
-                         st.st_ino, st.st_mtime_ns, units, len(self.keys), len(self.strs),
-                         len(self.raws), len(self.offsets), len(kblob), len(sblob),
-                         len(bblob))
-        body = b"".join((head, columns[0].tobytes(), bytes(self.kinds),
-                         *(c.tobytes() for c in columns[1:]), kblob, sblob, bblob))
-        return body + struct.pack("<I", zlib.crc32(body))
+                         st.st_ino, st.st_mtime_ns, units, len(self.keys),
+                         len(self.str_lengths), len(self.raw_lengths), len(self.offsets),
+                         len(kblob), sum(map(len, self.strs)), sum(map(len, self.raws)))
+        pieces = [head, columns[0].tobytes(), bytes(self.kinds),
+                  *(c.tobytes() for c in columns[1:]), kblob, *self.strs, *self.raws]
+        crc = 0
+        for piece in pieces:
+            crc = zlib.crc32(piece, crc)
+        pieces.append(struct.pack("<I", crc))
+        return pieces
 
 
-def write(path: str, name: str, data: bytes) -> None:
+def write(path: str, name: str, data: bytes | list[bytes]) -> None:
     """Put hint ``data`` in place for output ``name`` (temporary file, rename; no fsync:
     a hint lost in a crash only means replay). Errors are ignored for the same reason
     (a full disk, or a folder that is not a real directory)."""

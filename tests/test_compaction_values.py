@@ -18,7 +18,7 @@ from conftest import dir_state, flip_byte
 import mpkv
 from mpkv import compaction
 from mpkv.codec import Codec, apply, codec_for
-from mpkv.keydir import INLINE_MAX
+from mpkv.compaction import LEAVE_OVER
 
 BIG = "L" * 300  # out of line whatever the format
 KINDS = [("binary", "raw"), ("binary", "json"), ("text", "raw"), ("text", "json")]
@@ -105,13 +105,13 @@ def test_replay_keeps_large_values_in_their_inputs(tmp_path: Any) -> None:
     """The state compaction holds maps a large value to where it is, not to its bytes."""
     path = str(tmp_path / "s")
     with mpkv.Store(path, fsync="never", auto_compact=False) as s:
-        s.update({"small": "x" * INLINE_MAX, "large": "y" * (INLINE_MAX + 1),
+        s.update({"small": "x" * LEAVE_OVER, "large": "y" * (LEAVE_OVER + 1),
                   "bytes": b"z" * 1000})
     names = [n for n in sorted(os.listdir(path)) if n.endswith(".seg")]
     state = compaction.replay(path, codec_for("binary"), names)
-    assert state.view["small"] == "x" * INLINE_MAX
+    assert state.view["small"] == "x" * LEAVE_OVER
     assert isinstance(state.view["large"], int) and isinstance(state.view["bytes"], int)
-    assert state.files.read(state.view["large"]) == "y" * (INLINE_MAX + 1)
+    assert state.files.read(state.view["large"]) == "y" * (LEAVE_OVER + 1)
 
 
 def _value_offset(path: str, marker: bytes) -> tuple[str, int]:
