@@ -447,3 +447,30 @@ def test_transaction_len_in_iteration_delete_and_clear_read_no_value_file(tmp_pa
         _damage(path, b"e" * 500)
         s.clear()
         assert not reads and len(s) == 0
+
+
+def test_deserialize_replaces_a_store_holding_a_damaged_value(tmp_path):
+    """Restoring a backup is how a user recovers from a damaged value: deserialize must
+    not stop at reading it (it only compares old values to skip unchanged ones)."""
+    path, snap = str(tmp_path / "s"), str(tmp_path / "snap")
+    with mpkv.Store(str(tmp_path / "good"), fsync="never") as good:
+        good.update({"victim": "d" * 500, "other": "o" * 500})
+        good.serialize(snap)
+    with mpkv.Store(path, fsync="never", auto_compact=False) as s:
+        s.update({"victim": "d" * 500, "other": "o" * 500, "extra": "x" * 500})
+        _damage(path, b"d" * 500)
+        with pytest.raises(CorruptionError):
+            s["victim"]
+        s.deserialize(snap)
+        assert dict(s.items()) == {"victim": "d" * 500, "other": "o" * 500}
+
+
+def test_damaged_value_can_be_overwritten_and_deleted(tmp_path):
+    path = str(tmp_path / "s")
+    with mpkv.Store(path, fsync="never", auto_compact=False) as s:
+        s.update({"a": "d" * 500, "b": "e" * 500})
+        _damage(path, b"d" * 500)
+        _damage(path, b"e" * 500)
+        s["a"] = "fixed"
+        assert s["a"] == "fixed"
+        assert s.delete("b") is True and "b" not in s
