@@ -50,6 +50,8 @@ MAX_MAPPED = 64
 
 _INDEX_BITS = 32
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
+#: A handle is ``file id << INDEX_BITS | index`` (for code reading many at once).
+INDEX_BITS, INDEX_MASK = _INDEX_BITS, _INDEX_MASK
 #: File ids of every ValueFile of the process: a handle never outlives its meaning.
 _file_ids = itertools.count(1)
 

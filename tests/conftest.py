@@ -429,3 +429,19 @@ def outputs(path: str) -> list[str]:
 def reseal_hint(data: bytes) -> bytes:
     """A hint's bytes with their trailing CRC-32 made right again (a hostile edit)."""
     return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
+
+
+# ============================================================================
+# Damage on disk (compaction of large values)
+# ============================================================================
+
+
+def flip_byte(file: str | os.PathLike[str], offset: int) -> None:
+    """Flip the low bit of the byte at ``offset`` of ``file`` in place, changing nothing
+    else (no checksum fixed, size and inode kept)."""
+    with _real_open(file, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        assert len(byte) == 1, (file, offset)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
