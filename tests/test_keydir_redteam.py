@@ -171,9 +171,9 @@ def test_value_rewritten_in_place_after_a_reader_mapped_it_is_corruption(tmp_pat
 
 def test_segment_replaced_by_an_edited_copy_gives_old_value_or_the_new_files(tmp_path):
     """A program replaces a sealed segment by an edited copy (new inode, same name): a
-    reader that mapped the old one keeps its value; one that did not reads the new
-    file's state (it rebuilds its view), never a mix, never the old bytes' offsets in
-    the new file."""
+    reader that mapped the old one keeps its value, as does one whose view must not
+    move (it keeps the file open); another reads the new file's state (it rebuilds its
+    view), never a mix, never the old bytes' offsets in the new file."""
     path = str(tmp_path / "s")
     with mpkv.Store(path, fsync="never", auto_compact=False, max_segment_bytes=3000) as s:
         s["a"] = "a" * 1000
@@ -181,7 +181,8 @@ def test_segment_replaced_by_an_edited_copy_gives_old_value_or_the_new_files(tmp
         s["c"] = "c" * 1000  # rotates: the first segment is sealed
     first = os.path.join(path, sorted(n for n in os.listdir(path) if n.endswith(".seg"))[0])
     mapped = mpkv.Store(path, readonly=True, max_staleness=None)
-    unmapped = mpkv.Store(path, readonly=True, max_staleness=None)
+    unmapped = mpkv.Store(path, readonly=True)
+    kept = mpkv.Store(path, readonly=True, max_staleness=None)
     try:
         assert mapped["a"] == "a" * 1000
         # the copy holds one more byte before the values (a record is re-framed):
@@ -196,9 +197,11 @@ def test_segment_replaced_by_an_edited_copy_gives_old_value_or_the_new_files(tmp
         assert mapped["a"] == "a" * 1000 and mapped["b"] == "b" * 1000
         assert unmapped["a"] == "a" * 1000 + "!"  # the files' state now
         assert unmapped["b"] == "b" * 1000 and unmapped["c"] == "c" * 1000
+        assert kept["a"] == "a" * 1000 and kept["b"] == "b" * 1000
     finally:
         mapped.close()
         unmapped.close()
+        kept.close()
 
 
 # --- processes and threads --------------------------------------------------------
@@ -474,3 +477,28 @@ def test_damaged_value_can_be_overwritten_and_deleted(tmp_path):
         s["a"] = "fixed"
         assert s["a"] == "fixed"
         assert s.delete("b") is True and "b" not in s
+
+
+def test_reader_with_no_staleness_limit_sees_no_write_before_refresh_after_a_compaction(
+        tmp_path):
+    """max_staleness=None: only refresh() moves the view. A value whose segment another
+    process compacted away (never read here, so never mapped) must still read as of
+    the view, not send the reader to the new files' newer state."""
+    path = str(tmp_path / "s")
+    with mpkv.Store(path, fsync="never", auto_compact=False) as w:
+        w.update({"k": "old" * 100, "j": "j" * 300})
+    r = mpkv.Store(path, readonly=True, max_staleness=None)
+    try:
+        def rewrite_and_compact() -> None:
+            with mpkv.Store(path, fsync="never", auto_compact=False) as w:
+                w["k"] = "new" * 100
+                w["added"] = "a" * 300
+                w.compact()
+
+        assert in_child(rewrite_and_compact) == ("ok", None)
+        assert r["k"] == "old" * 100 and "added" not in r and r["j"] == "j" * 300
+        assert dict(r.items()) == {"k": "old" * 100, "j": "j" * 300}
+        assert r.refresh() == 2
+        assert r["k"] == "new" * 100 and r["added"] == "a" * 300
+    finally:
+        r.close()
