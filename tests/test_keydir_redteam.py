@@ -64,9 +64,11 @@ def _spoil_hints(path: str, how: str) -> None:
             os.unlink(file)
 
 
+@pytest.mark.parametrize("fmt", ["binary", "text"])
 @pytest.mark.parametrize("serializer", ["raw", "json"])
 @pytest.mark.parametrize("how", ["valid", "damaged", "stale", "none"])
-def test_key_reader_agrees_with_a_full_open_whatever_the_hints_state(tmp_path, serializer, how):
+def test_key_reader_agrees_with_a_full_open_whatever_the_hints_state(tmp_path, fmt, serializer,
+                                                                     how):
     """Keys joined in the hint (no key holds U+0000): the C-level lookup, on ASCII and
     non-ASCII values (cut from bytes or from decoded text), keys that are substrings of
     others, deletes and overwrites after the compaction."""
@@ -77,7 +79,8 @@ def test_key_reader_agrees_with_a_full_open_whatever_the_hints_state(tmp_path, s
     }
     if serializer == "json":
         values = {k: {"v": v, "n": [1, 2]} for k, v in values.items()}
-    with mpkv.Store(path, serializer=serializer, fsync="never", auto_compact=False) as s:
+    with mpkv.Store(path, format=fmt, serializer=serializer, fsync="never",
+                    auto_compact=False) as s:
         s.update(values)
         s.compact()
         del s["gone"]
