@@ -24,7 +24,7 @@ from .argparsing import Parser
 from .codec import Value
 from .errors import Error, FormatError
 from .segments import AUX, META, check_store_dir
-from .store import Store
+from .store import KeyReader, Store
 from .watch import BEFORE_ALL, Change, check_timeout, parse_position
 
 if TYPE_CHECKING:
@@ -164,8 +164,13 @@ def _print_value(value: Any) -> None:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    with _open(args, readonly=True) as store:
-        value = store.get(args.key, MISSING)
+    if _is_redis(str(args.path)):
+        with _open(args, readonly=True) as store:
+            value = store.get(args.key, MISSING)
+    else:  # reads the one key from hint files, not the whole store
+        _require_store(str(args.path))
+        with KeyReader(str(args.path), args.key) as reader:
+            value = reader.get(args.key, MISSING)
     if value is MISSING:
         print(f"mpkv get: key not found: {args.key!r}", file=sys.stderr)
         return 1

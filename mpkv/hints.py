@@ -247,7 +247,7 @@ class Hint:
         return list(map(next, map(sources.__getitem__, self.kinds)))  # type: ignore[arg-type]
 
 
-def _u32s(data: bytes, typecode: str = "I") -> array[int]:
+def _u32s(data: bytes | memoryview, typecode: str = "I") -> array[int]:
     out = array(typecode)
     out.frombytes(data)
     if sys.byteorder == "big":
@@ -255,8 +255,10 @@ def _u32s(data: bytes, typecode: str = "I") -> array[int]:
     return out
 
 
-def parse(data: bytes) -> Hint | str:
-    """The hint ``data`` holds, or what is wrong with it (a sentence)."""
+def parse(data: bytes, only: str | None = None) -> Hint | str:
+    """The hint ``data`` holds, or what is wrong with it (a sentence). With ``only``,
+    the hint is checked whole but holds the entry of that key alone (or none): a lookup
+    of one key in a large hint, without making an object per key."""
     if len(data) < HEAD.size + 4:
         return f"too short for a hint ({len(data)} bytes)"
     if data[:8] != MAGIC:
@@ -277,37 +279,109 @@ def parse(data: bytes) -> Hint | str:
     if pos + sum(widths) + 4 != len(data):
         return f"the columns its counts announce do not fill its {len(data)} bytes"
     cols = []
+    view = memoryview(data)  # columns without copies: a hint can be as large as its output
     for width in widths:
-        cols.append(data[pos : pos + width])
+        cols.append(view[pos : pos + width])
         pos += width
-    klens, kinds, slens, blens = _u32s(cols[0]), cols[1], _u32s(cols[2]), _u32s(cols[3])
+    klens, kinds, slens, blens = _u32s(cols[0]), bytes(cols[1]), _u32s(cols[2]), _u32s(cols[3])
     offsets, lengths, crcs = _u32s(cols[4], "Q"), _u32s(cols[5]), _u32s(cols[6])
     if kinds.translate(None, _VALID_KINDS) or (
             kinds.count(INLINE_STR), kinds.count(INLINE_BYTES)) != (nstr, nraw):
         return "bad value kinds"
+    joined = flags & KEYS_JOINED
+    # One key's lookup need not decode the str values when they are ASCII (as many
+    # bytes as code points): it cuts its value from the bytes.
+    lazy = joined and only is not None and sum(slens) == sbytes
     try:
-        ktext, stext = cols[7].decode("utf-8"), cols[8].decode("utf-8")
+        ktext = str(cols[7], "utf-8")
+        stext: str | memoryview = cols[8] if lazy else str(cols[8], "utf-8")
     except UnicodeDecodeError:
         return "keys or values are not UTF-8"
-    joined = flags & KEYS_JOINED
     if (sum(klens) + (max(count - 1, 0) if joined else 0) != len(ktext)
             or sum(slens) != len(stext) or sum(blens) != bbytes):
         return "key or value lengths do not match their blobs"
+    if joined and only is not None:
+        if ktext.count("\0") != max(count - 1, 0):
+            return "the key blob does not hold as many keys as the count says"
+        return _one(only, ktext, kinds, slens, blens, stext, cols[9], offsets, lengths, crcs,
+                    (inline_max, number, part, size, ino, mtime_ns, units))
+    assert isinstance(stext, str)
     if joined:
         keys = ktext.split("\0") if count else []
         if len(keys) != count:
             return "the key blob does not hold as many keys as the count says"
     else:
         keys = _slices(ktext, klens)  # type: ignore[assignment]
-    return Hint(inline_max, number, part, size, ino, mtime_ns, units,
+    hint = Hint(inline_max, number, part, size, ino, mtime_ns, units,
                 keys, kinds, _slices(stext, slens),  # type: ignore[arg-type]
-                _slices(cols[9], blens), offsets, lengths, crcs)  # type: ignore[arg-type]
+                _slices(bytes(cols[9]), blens), offsets, lengths, crcs)  # type: ignore[arg-type]
+    return hint if only is None else _filtered(hint, only)  # keys not joined: rare
+
+
+def _filtered(hint: Hint, only: str) -> Hint:
+    """``hint`` with the entry of key ``only`` alone (or none)."""
+    try:
+        i = hint.keys.index(only)
+    except ValueError:
+        return _empty(hint)
+    kind = hint.kinds[i]
+    inline_str, inline_bytes = hint.kinds.count(INLINE_STR, 0, i), hint.kinds.count(
+        INLINE_BYTES, 0, i)
+    j = i - inline_str - inline_bytes
+    in_file = kind in (FILE_STR, FILE_BYTES)
+    return Hint(hint.inline_max, hint.number, hint.part, hint.size, hint.ino, hint.mtime_ns,
+                hint.units, [only], bytes([kind]),
+                hint.strs[inline_str : inline_str + 1] if kind == INLINE_STR else [],
+                hint.raws[inline_bytes : inline_bytes + 1] if kind == INLINE_BYTES else [],
+                hint.offsets[j : j + 1] if in_file else array("Q"),
+                hint.lengths[j : j + 1] if in_file else array("I"),
+                hint.crcs[j : j + 1] if in_file else array("I"))
+
+
+def _empty(hint: Hint) -> Hint:
+    return Hint(hint.inline_max, hint.number, hint.part, hint.size, hint.ino, hint.mtime_ns,
+                hint.units, [], b"", [], [], array("Q"), array("I"), array("I"))
+
+
+def _one(only: str, ktext: str, kinds: bytes, slens: array[int], blens: array[int],
+         stext: str | memoryview, bblob: memoryview, offsets: array[int],
+         lengths: array[int], crcs: array[int],
+         head: tuple[int, int, int, int, int, int, int]) -> Hint | str:
+    """The entry of key ``only`` in a hint whose keys ``ktext`` holds joined by U+0000,
+    found with C-level searches and counts: no object per key. ``stext`` is the str
+    values, or their bytes when those are ASCII."""
+    empty = Hint(*head, [], b"", [], [], array("Q"), array("I"), array("I"))
+    if "\0" in only:
+        return empty
+    at = ("\0" + ktext + "\0").find("\0" + only + "\0")
+    if at < 0:
+        return empty
+    i = ktext.count("\0", 0, at)
+    kind = kinds[i]
+    nstr, nraw = kinds.count(INLINE_STR, 0, i), kinds.count(INLINE_BYTES, 0, i)
+    j = i - nstr - nraw
+    strs: list[str] = []
+    raws: list[bytes] = []
+    in_file = (array("Q"), array("I"), array("I"))
+    if kind == INLINE_STR:
+        start = sum(slens[:nstr])
+        piece = stext[start : start + slens[nstr]]
+        try:
+            strs = [piece if isinstance(piece, str) else str(piece, "utf-8")]
+        except UnicodeDecodeError:
+            return "keys or values are not UTF-8"
+    elif kind == INLINE_BYTES:
+        start = sum(blens[:nraw])
+        raws = [bytes(bblob[start : start + blens[nraw]])]
+    else:
+        in_file = (offsets[j : j + 1], lengths[j : j + 1], crcs[j : j + 1])
+    return Hint(*head, [only], bytes([kind]), strs, raws, *in_file)
 
 
 def read(path: str, name: str, number: int, part: int, fd: int,
-         max_bytes: int | None = None) -> Hint | str:
+         max_bytes: int | None = None, only: str | None = None) -> Hint | str:
     """The hint of output ``name`` (``number.part``) open at ``fd``, checked against
-    that file: the hint, or which check failed."""
+    that file: the hint (with ``only``: that key's entry alone), or which check failed."""
     file = hint_path(path, name)
     try:
         if not check_dir(os.path.dirname(file)):
@@ -328,7 +402,7 @@ def read(path: str, name: str, number: int, part: int, fd: int,
         return f"unreadable: {exc}"
     finally:
         os.close(hfd)
-    hint = parse(data)
+    hint = parse(data, only)
     if isinstance(hint, str):
         return hint
     if (hint.number, hint.part) != (number, part):
@@ -340,17 +414,21 @@ def read(path: str, name: str, number: int, part: int, fd: int,
         return "its output is larger than a segment can be"
     if not (st.st_size // 4 <= hint.units <= st.st_size):
         return f"bad size in units ({hint.units})"
-    if hint.offsets and max(map(operator.add, hint.offsets, hint.lengths)) > st.st_size:
+    # The largest offset plus the largest length bounds every end (two C-level passes);
+    # only past that bound is each end worth computing.
+    if hint.offsets and max(hint.offsets) + max(hint.lengths) > st.st_size and max(
+            map(operator.add, hint.offsets, hint.lengths)) > st.st_size:
         return "a value location lies past the end of the output"
     return hint
 
 
 def load(path: str, name: str, number: int, part: int, fd: int, refs: ValueFile,
-         max_bytes: int | None) -> tuple[Puts, int] | None:
+         max_bytes: int | None, only: str | None = None) -> tuple[Puts, int] | None:
     """The state output ``name`` (open at ``fd``) holds, from its hint, and its size in
     units; None when there is no hint that checks out (then replay the output). Values
-    in the file are noted in ``refs``: the batch holds their handles."""
-    hint = read(path, name, number, part, fd, max_bytes)
+    in the file are noted in ``refs``: the batch holds their handles. With ``only``, the
+    state of that key alone."""
+    hint = read(path, name, number, part, fd, max_bytes, only)
     if isinstance(hint, str) or hint.inline_max != refs.inline_max:
         return None
     handles = refs.extend(hint.offsets, hint.lengths, hint.crcs,

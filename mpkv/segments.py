@@ -650,6 +650,9 @@ class Cursor:
         self.values: ValueFiles | None = None
         #: The current segment's table in ``values`` (None without ``values``).
         self.refs: ValueFile | None = None
+        #: A key, for a cursor that looks up that key alone: a compaction output's hint
+        #: gives only that key's entry (other segments are read whole). Set by the owner.
+        self.only: str | None = None
         # The log's names (and their folders) as listed once in the current ``read``:
         # one listing per tail step, not one per segment. None: not listed yet.
         self._listing: list[tuple[str, str]] | None = None
@@ -834,7 +837,7 @@ class Cursor:
                 and self.folder == self.path and self.name is not None):
             return False
         loaded = hints.load(self.path, self.name, self.number, self.part, self.fd, self.refs,
-                            self.max_bytes)
+                            self.max_bytes, self.only)
         if loaded is None:
             return False
         batches.append(loaded[0])

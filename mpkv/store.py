@@ -733,3 +733,15 @@ class Transaction(TransactionMapping):
 
     def _committed_keys(self) -> Iterator[str]:
         return iter(self._store._view)  # O(1) to the first key: popitem in a loop is linear
+
+
+class KeyReader(Store):
+    """A readonly store for reading one key: compaction outputs' hints give only that
+    key's entry, so that ``mpkv get`` on a large compacted store reads no other key.
+    Its view holds that key exactly (every later change to it is replayed with the
+    rest of the log past the outputs); other keys it holds only as far as that replay
+    put them there, so use it for ``key`` alone."""
+
+    def __init__(self, path: str | os.PathLike[str], key: str) -> None:
+        self._only_key = key
+        super().__init__(path, readonly=True)

@@ -57,6 +57,8 @@ class LogView:
     _shm: SharedState
     _dirlock: DirLock
     _epoch: int  # fork_epoch when the files were opened (-1: closed)
+    #: A key this view is for alone (``KeyReader``), or None: the whole state.
+    _only_key: str | None = None
 
     def _check(self) -> None:
         raise NotImplementedError  # the store's: closed, or first use after a fork
@@ -213,6 +215,7 @@ class LogView:
         cursor = Cursor(self.path, self._codec, not self.readonly, self._dirlock,
                         self.meta.max_file_bytes)
         cursor.values = values
+        cursor.only = self._only_key
         return cursor
 
     @staticmethod

@@ -4,6 +4,8 @@ through a map could be wrong, lost or leaked."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 import mpkv
 from mpkv import keydir, shm
 from mpkv.errors import CorruptionError
+from mpkv.store import KeyReader
 from tests.conftest import die, in_child
 
 BIG = "v" * 1000  # out of line: over keydir.INLINE_MAX encoded bytes
@@ -232,3 +235,57 @@ def test_keys_len_and_membership_read_no_value_file(tmp_path):
         # ...which a read of the value does.
         with pytest.raises(CorruptionError):
             r["victim"]
+
+
+# --- one key's lookup (`mpkv get`): hints give that key alone ----------------------
+
+def _hinted_store(path: str, serializer: str = "raw") -> dict[str, object]:
+    """A compacted store with hints, then changes after the compaction; its state."""
+    values: dict[str, object] = {
+        "inline": "small", "long": BIG, "uni": "é" * 200, "tiny-uni": "ü",
+        "gone-later": BIG + "g", "changed-later": "before", "k\0nul": "nul key",
+    }
+    if serializer == "raw":
+        values.update({"raw": b"\x00\xff" * 10, "raw-long": bytes(range(256)) * 2})
+    else:
+        values.update({"doc": {"a": [1, 2, 3]}, "big-doc": {"x": "y" * 500}})
+    values.update({f"fill{i}": str(i) * (i % 300) for i in range(300)})
+    with mpkv.Store(path, serializer=serializer, fsync="never", auto_compact=False) as s:
+        s.update(values)
+        s.compact()
+        s.delete("gone-later")
+        s["changed-later"] = "after" * 40
+        s["tail-only"] = "t"
+    values.pop("gone-later")
+    values.update({"changed-later": "after" * 40, "tail-only": "t"})
+    return values
+
+
+@pytest.mark.parametrize("serializer", ["raw", "json"])
+def test_key_reader_gives_what_a_full_open_gives_for_every_kind_of_key(tmp_path, serializer):
+    path = str(tmp_path / "s")
+    values = _hinted_store(path, serializer)
+    assert os.listdir(os.path.join(path, ".mpkv", "hints")), "the compaction wrote hints"
+    for key in [*values, "gone-later", "absent", "fill"]:
+        with KeyReader(path, key) as reader:
+            assert reader.get(key, "MISSING") == values.get(key, "MISSING"), key
+
+
+def test_key_reader_loads_no_other_key_from_a_hint(tmp_path):
+    path = str(tmp_path / "s")
+    _hinted_store(path)
+    with KeyReader(path, "fill7") as reader:
+        # the one key from the hint; the rest only from the log after the compaction
+        assert set(reader._view) == {"fill7", "changed-later", "tail-only"}
+        assert reader["fill7"] == "7" * 7
+
+
+def test_mpkv_get_prints_a_value_found_through_a_hint(tmp_path):
+    path = str(tmp_path / "s")
+    values = _hinted_store(path)
+    out = subprocess.run([sys.executable, "-m", "mpkv", "get", path, "uni"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.rstrip("\n") == values["uni"]
+    gone = subprocess.run([sys.executable, "-m", "mpkv", "get", path, "gone-later"],
+                          capture_output=True, text=True)
+    assert gone.returncode == 1 and "not found" in gone.stderr
