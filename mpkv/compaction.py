@@ -90,9 +90,8 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
     each within the segment limit and fsynced. Returns them in order. On any error (a
     full disk) the files written so far are removed before it propagates.
 
-    With ``number`` (the compaction's), each output whose hint pays off (hints.py:
-    most of the output's bytes are values kept in the file) gets one, named for the
-    output it becomes: ``number.0001``, ... Hints of outputs that never make it into
+    With ``number`` (the compaction's), each output gets its hint (hints.py), named for
+    the output it becomes: ``number.0001``, ... Hints of outputs that never make it into
     the log are removed by ``tidy``."""
     aux = os.path.join(path, AUX)
     outputs: list[Output] = []
@@ -112,7 +111,7 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
         assert f is not None
         f.flush()
         os.fsync(f.fileno())
-        if hint is not None and hint.pays_off(size):
+        if hint is not None:
             assert number is not None
             # Bound to the file as it is now: the rename into place keeps inode and mtime.
             data = hint.encode(number, len(outputs) + 1, os.fstat(f.fileno()), used)

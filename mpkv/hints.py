@@ -53,8 +53,6 @@ _VALID_KINDS = bytes([INLINE_STR, INLINE_BYTES, FILE_STR, FILE_BYTES])
 #: kinds of the in-file entries, as ``keydir.ValueFile`` counts them
 _FILE_KIND = bytes.maketrans(bytes([FILE_STR, FILE_BYTES]), bytes([STR_VALUE, BYTES_VALUE]))
 _TMP_PREFIX = ".hint-"
-#: A hint is written only when it is at most this many times smaller than its output.
-MIN_GAIN = 2
 #: What ``read`` says when there is no hint, and how it starts saying that a hint
 #: belongs to another file (stale, not damaged).
 MISSING = "missing"
@@ -83,18 +81,6 @@ class Builder:
         self.offsets = array("Q")
         self.lengths = array("I")
         self.crcs = array("I")
-        #: what the hint will hold besides its columns: code points of the keys
-        #: (about their bytes) and bytes of the inline values
-        self.blob_bytes = 0
-
-    def pays_off(self, output_size: int) -> bool:
-        """Is the hint worth writing: at most ``1 / MIN_GAIN`` of its output's size? An
-        output of small values would get a hint about as large as itself, which reads
-        no faster than replaying it (and would double the disk space and the time
-        compaction spends writing)."""
-        n = len(self.kinds)
-        estimate = HEAD.size + 4 + 9 * n + 12 * len(self.offsets) + self.blob_bytes
-        return estimate * MIN_GAIN <= output_size
 
     def add(self, record: bytes, base: int, items: list[tuple[str, Value]],
             spans: Spans) -> None:
@@ -102,8 +88,6 @@ class Builder:
         values ``spans`` locates in ``record``."""
         values = list(map(itemgetter(1), items))
         big = list(map(self.inline_max.__lt__, spans.sizes))
-        self.blob_bytes += (sum(map(len, map(itemgetter(0), items)))
-                            + sum(compress(spans.sizes, map(operator.not_, big))))
         if not all(map(isinstance, values, repeat(str))):
             self._add_mixed(record, base, values, big, spans)
         else:  # the common case, with no Python code per item
