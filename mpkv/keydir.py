@@ -91,7 +91,7 @@ class ValueFile:
         #: A read-only map of the file (as long as it was then), or None. Replaced under
         #: the registry's mutex; read without a lock (a reader keeps the object it got
         #: alive, even if the registry drops it meanwhile).
-        self.map: mmap.mmap | None = None
+        self.map: mmap.mmap | _Pread | None = None
         self._registry = registry
 
     def add(self, offset: int, length: int, crc: int, kind: int) -> int:
@@ -123,6 +123,28 @@ class ValueFile:
             "one entry per value in every column"
         base = self.fid << _INDEX_BITS
         return range(base + index, base + index + len(kinds))
+
+
+class _Pread:
+    """What stands for a map where a file system cannot map files: slices read with
+    ``pread`` from a descriptor it owns, closed when the last reader lets go of it."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, where: slice) -> bytes:
+        start, stop = where.start, where.stop
+        data = os.pread(self._fd, stop - start, start)
+        if len(data) != stop - start:
+            return data + bytes(stop - start - len(data))  # cut short: fails its CRC
+        return data
+
+    def __del__(self) -> None:
+        os.close(self._fd)
 
 
 class ValueFiles:
@@ -183,7 +205,7 @@ class ValueFiles:
         i = handle & _INDEX_MASK
         return vf.lengths[i], vf.crcs[i], vf.kinds[i]
 
-    def _map(self, vf: ValueFile, end: int) -> mmap.mmap:
+    def _map(self, vf: ValueFile, end: int) -> mmap.mmap | _Pread:
         """Map ``vf``'s file as long as it is now (it must reach ``end``), reopening it
         by name: Moved when it is gone or another file is in its place."""
         with self._mutex:
@@ -202,9 +224,13 @@ class ValueFiles:
                     raise CorruptionError(f"{vf.file}: a value at offset {end} lies past "
                                           f"the end of the file ({st.st_size} bytes)",
                                           vf.file, st.st_size)
-                m = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+                try:
+                    m = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+                except OSError:  # a file system that cannot map files: read instead
+                    m, fd = _Pread(fd, st.st_size), -1  # it owns the descriptor now
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             if vf.map is None:
                 self._mapped.append(vf)
                 if len(self._mapped) > MAX_MAPPED:

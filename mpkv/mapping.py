@@ -426,12 +426,29 @@ class StoreMapping(CopyViews, MutableMapping[str, Any]):
 @contextmanager
 def savepoint(store: StoreMapping, outer: TX) -> Iterator[TX]:
     """A ``transaction()`` opened inside ``outer`` on the same thread."""
-    tx = type(outer)(store, outer)
+    with open_block(store, type(outer)(store, outer)) as tx:
+        yield tx
+
+
+@contextmanager
+def open_block(store: StoreMapping, tx: TX, counted: AbstractContextManager[Any] | None = None
+               ) -> Iterator[TX]:
+    """Make ``tx`` the calling thread's open transaction (store calls join it) for one
+    block, and end it, failed or not, however the block exits; the thread's enclosing
+    transaction, if any, is its own again afterwards. An outermost block is also
+    counted in ``store._open_tx``, under ``counted`` (the counter's guard)."""
+    outer = getattr(store._local, "tx", None)
     store._local.tx = tx
+    if counted is not None:
+        with counted:
+            store._open_tx += 1
     failed = True
     try:
         yield tx
         failed = False
     finally:
+        if counted is not None:
+            with counted:
+                store._open_tx -= 1
         tx._end(failed)
         store._local.tx = outer

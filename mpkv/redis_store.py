@@ -63,7 +63,14 @@ from .errors import (
     LockTimeout,
     ReadOnlyError,
 )
-from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint, update_pairs
+from .mapping import (
+    MISSING,
+    StoreMapping,
+    TransactionMapping,
+    open_block,
+    savepoint,
+    update_pairs,
+)
 from .serializer import serializer_for
 from .watch import Change, check_prefix, check_timeout
 
@@ -769,19 +776,8 @@ class RedisStore(StoreMapping):
         self._local.token = token
         done = False
         try:
-            tx = RedisTransaction(self)
-            self._local.tx = tx
-            with self._held_mutex:
-                self._open_tx += 1
-            failed = True
-            try:
+            with open_block(self, RedisTransaction(self), self._held_mutex) as tx:
                 yield tx
-                failed = False
-            finally:
-                with self._held_mutex:
-                    self._open_tx -= 1
-                self._local.tx = None
-                tx._end(failed)
             if tx._ops:
                 args: list[bytes] = []
                 for key, value in tx._ops:

@@ -24,7 +24,7 @@ from collections.abc import (
     Iterable,
     Iterator,
 )
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
 from . import compaction, snapshot
@@ -33,7 +33,7 @@ from .common import check_options, fork_epoch
 from .durability import Durability
 from .errors import ClosedError, Error, FormatError, LockTimeout, ReadOnlyError
 from .locks import CompactionLock, DirLock, WriterLock
-from .mapping import MISSING, StoreMapping, TransactionMapping, savepoint
+from .mapping import MISSING, StoreMapping, TransactionMapping, open_block, savepoint
 from .segments import (
     AUX,
     DEFAULT_MAX_SEGMENT_BYTES,
@@ -543,17 +543,9 @@ class Store(LogView, StoreMapping):
             try:
                 with self._tail_mutex:
                     self._sync_with_log()
-                tx = Transaction(self)
-                self._local.tx = tx
-                self._open_tx += 1
-                failed = True
-                try:
+                # The write mutex, held, guards the count of open blocks.
+                with open_block(self, Transaction(self), nullcontext()) as tx:
                     yield tx
-                    failed = False
-                finally:
-                    self._open_tx -= 1
-                    self._local.tx = None
-                    tx._end(failed)
                 if tx._ops:
                     ops: list[Op] = tx._ops
                     records = self._writer.encode(ops)

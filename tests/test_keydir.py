@@ -289,3 +289,27 @@ def test_mpkv_get_prints_a_value_found_through_a_hint(tmp_path):
     gone = subprocess.run([sys.executable, "-m", "mpkv", "get", path, "gone-later"],
                           capture_output=True, text=True)
     assert gone.returncode == 1 and "not found" in gone.stderr
+
+
+def test_values_read_on_a_file_system_that_cannot_map_files(tmp_path, monkeypatch):
+    path = str(tmp_path / "s")
+
+    real = keydir.mmap.mmap
+
+    def no_mmap(fd: int, size: int, **kwargs: object) -> object:
+        if "prot" in kwargs:  # the value maps; the shared state file still maps
+            raise OSError(19, "No such device (mmap)")
+        return real(fd, size, **kwargs)
+
+    monkeypatch.setattr(keydir.mmap, "mmap", no_mmap)
+    with mpkv.Store(path, fsync="never") as s:
+        s.update({f"k{i}": BIG + str(i) for i in range(20)})
+        s["k3"] = b"b" * 300
+        assert s["k3"] == b"b" * 300 and s["k7"] == BIG + "7"
+    with mpkv.Store(path, readonly=True) as r:
+        assert {k: r[k] for k in r} == {**{f"k{i}": BIG + str(i) for i in range(20)},
+                                        "k3": b"b" * 300}
+        value = (BIG + "5").encode()
+        _flip_in_value(path, value)
+        with pytest.raises(CorruptionError):
+            r["k5"]
