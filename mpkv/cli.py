@@ -336,7 +336,7 @@ def _live_bytes(store: Store, live: list[tuple[str, Value]]) -> int:
     codec, limit = store._codec, store.max_segment_bytes
     single = sum(len(data) for item in live for data, _ in codec.encode([item], limit))
     one_unit = sum(len(data) for data, _ in codec.encode(list(live), limit))
-    packed = sum(len(data) for data, _ in codec.encode_state(live, limit))
+    packed = sum(len(r.data) for r in codec.encode_state(live, limit))
     return min(single, one_unit, packed)
 
 

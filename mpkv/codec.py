@@ -13,7 +13,7 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, repeat
 from operator import itemgetter
@@ -70,6 +70,16 @@ class Puts(NamedTuple):
 
 #: The ops of one atomic unit, in order.
 Batch = Union[list[Op], Puts]
+
+
+class Encoded(NamedTuple):
+    """A record of encoded live state: its bytes, size units, the items it holds, and
+    (when asked for) where their values are in it."""
+
+    data: bytes
+    units: int
+    items: list[tuple[str, Value]]
+    spans: Spans | None
 
 
 def ops_of(batch: Batch) -> list[Op]:
@@ -134,16 +144,36 @@ class Codec:
     def _encode(self, ops: list[Op], limit: int) -> list[tuple[bytes, int]]:
         raise NotImplementedError
 
-    def encode_state(self, items: list[tuple[str, Value]], limit: int,
-                     spans: list[Spans] | None = None) -> list[tuple[bytes, int]]:
-        """Encode live state (distinct keys, puts only) in the form fastest to read back.
-        ``spans`` (when given) receives, per record, where its values are (a hint file
-        is made of them, hints.py): the records hold the items in order."""
+    def encode_state(self, items: Iterable[tuple[str, Value]], limit: int,
+                     spans: bool = False) -> Iterator[Encoded]:
+        """Encode live state (distinct keys, puts only) in the form fastest to read back,
+        the items in order. Records come as the items do: about ``_PACKED_TARGET``
+        bytes of items at a time are held, so a caller streaming items from files holds
+        no more of them. With ``spans``, each record says where its values are (a hint
+        file is made of them, hints.py)."""
+        chunk: list[tuple[str, Value]] = []
+        size = 0
+        for item in items:
+            chunk.append(item)
+            size += len(item[0]) + len(item[1])
+            if size >= _PACKED_TARGET:
+                yield from self._state_records(chunk, limit, spans)
+                chunk, size = [], 0
+        if chunk:
+            yield from self._state_records(chunk, limit, spans)
+
+    def _state_records(self, items: list[tuple[str, Value]], limit: int, spans: bool
+                       ) -> list[Encoded]:
+        """Records of ``items`` (about ``_PACKED_TARGET`` bytes of them)."""
+        return self._one_per_item(items, limit, spans)
+
+    def _one_per_item(self, items: list[tuple[str, Value]], limit: int, spans: bool
+                      ) -> list[Encoded]:
+        """One record per put (the codec's records of single ops)."""
         records = self.encode(list[Op](items), limit)
-        if spans is not None:
-            for (record, _), (key, _) in zip(records, items, strict=True):
-                spans.append(self._op_span(record, key))
-        return records
+        assert len(records) == len(items)
+        return [Encoded(data, units, [item], self._op_span(data, item[0]) if spans else None)
+                for (data, units), item in zip(records, items, strict=True)]
 
     def _op_span(self, record: bytes, key: str) -> Spans:
         """Where the value of a record holding the one put of ``key`` is."""
@@ -274,30 +304,18 @@ class BinaryCodec(Codec):
             records.append((record, len(record)))
         return records
 
-    def encode_state(self, items: list[tuple[str, Value]], limit: int,
-                     spans: list[Spans] | None = None) -> list[tuple[bytes, int]]:
-        records: list[tuple[bytes, int]] = []
-        chunk: list[tuple[str, Value]] = []
-        size = 0
-        for item in items:
-            chunk.append(item)
-            size += len(item[0]) + len(item[1])
-            if size >= _PACKED_TARGET:
-                records += self._packed_within(chunk, limit, spans)
-                chunk, size = [], 0
-        if chunk:
-            records += self._packed_within(chunk, limit, spans)
-        return records
+    def _state_records(self, items: list[tuple[str, Value]], limit: int, spans: bool
+                       ) -> list[Encoded]:
+        return self._packed_within(items, limit, spans)
 
-    def _packed_within(self, items: list[tuple[str, Value]], limit: int,
-                       spans: list[Spans] | None) -> list[tuple[bytes, int]]:
+    def _packed_within(self, items: list[tuple[str, Value]], limit: int, spans: bool
+                       ) -> list[Encoded]:
         record = self._encode_packed(items)
         if len(record) <= limit or len(items) == 1:
             if len(record) <= limit:
-                if spans is not None:
-                    spans.append(self._packed_spans(record, items))
-                return [(record, len(record))]
-            return super().encode_state(items, limit, spans)  # one put, over the limit
+                return [Encoded(record, len(record), items,
+                                self._packed_spans(record, items) if spans else None)]
+            return self._one_per_item(items, limit, spans)  # one put, over the limit
         half = len(items) // 2
         return (self._packed_within(items[:half], limit, spans)
                 + self._packed_within(items[half:], limit, spans))

@@ -11,14 +11,17 @@ from __future__ import annotations
 import glob
 import os
 import zlib
-from collections.abc import Iterable
+from array import array
+from collections.abc import Generator, Iterable, Iterator
+from itertools import chain, compress, islice, repeat
+from operator import add, and_, itemgetter, rshift, sub
 from typing import NamedTuple
 
 from . import hints
-from .codec import Codec, Puts, Spans, Value, apply
+from .codec import BYTES_VALUE, STR_VALUE, Codec, Puts, Value, apply
 from .errors import CorruptionError, Error
 from .files import create_temp, fsync_dir, make_dir, open_dir, open_regular, write_atomically
-from .keydir import INLINE_MAX
+from .keydir import INDEX_BITS, INDEX_MASK, INLINE_MAX, ValueFile, ValueFiles
 from .locks import DirLock
 from .segments import (
     AUX,
@@ -39,41 +42,230 @@ from .segments import (
 TMP_PREFIX = "compact-"
 
 
+#: Bytes of the input read at a time by replay: the decoded records of one chunk are
+#: all it holds besides the state.
+_CHUNK = 4 << 20
+#: Bytes of values write_outputs reads back at a time (about one packed record)...
+_BATCH = 1 << 20
+#: ... from at most this many items of the state at a time.
+_STEP = 4096
+_first, _second = itemgetter(0), itemgetter(1)
+#: Input files write_outputs keeps open at a time while reading values back.
+_OPEN_MAX = 16
+
+
+class State(NamedTuple):
+    """The live state of sealed segments: each key's value, or the handle (an int) of a
+    value of more than ``INLINE_MAX`` encoded bytes left in its input segment and read
+    back through ``files`` (keydir.py) when it is written out. The Python objects per
+    key (the key, a small value or a handle, a dict slot) and 17 bytes of ``files``
+    per value read are what compaction holds: not the values."""
+
+    view: dict[str, Value | int]
+    files: ValueFiles
+
+
 def replay(path: str, codec: Codec, names: Iterable[str],
-           last: list[UnitPos] | None = None) -> dict[str, Value]:
-    """The state sealed segments ``names`` add up to; they must be whole and valid.
-    ``last`` (when given) receives the position of the last unit they hold (the
-    compaction's horizon, see ``switch``)."""
-    state: dict[str, Value] = {}
+           last: list[UnitPos] | None = None) -> State:
+    """The state sealed segments ``names`` add up to; they must be whole and valid (a
+    damaged record raises CorruptionError). ``last`` (when given) receives the
+    position of the last unit they hold (the compaction's horizon, see ``switch``).
+
+    Each segment is read ``_CHUNK`` bytes at a time (more when one record is larger),
+    so memory holds the state and one chunk, whatever the sizes of the segments."""
+    files = ValueFiles(INLINE_MAX)
+    state: dict[str, Value | int] = {}
     horizon: UnitPos = (1, 0, 0)
     begun = (1, 0)
     inside = False
+    count = 0
     for name in names:
         number, part = parse_name(name)  # type: ignore[misc]
         file = os.path.join(path, name)
-        with os.fdopen(open_regular(file, os.O_RDONLY), "rb") as f:
-            data = f.read()
-        dec = codec.decode(data)
-        if dec.problem:
-            raise CorruptionError(f"{file}: damaged record at offset {dec.stop}: {dec.problem}"
-                                  " (run mpkv repair)", file, dec.stop)
-        for batch in dec.batches:
-            apply(state, batch)
-        if last is not None:
-            if part:  # a former output: the state as of the end of segment `number`
-                horizon = max(horizon, (number + 1, 0, 0))
-                continue
-            offset, count = 0, 0
-            for batch, end, more in zip(dec.batches, dec.ends, dec.more, strict=True):
-                if not inside:
-                    begun, count = (number, offset), 0
-                count += len(batch.keys) if isinstance(batch, Puts) else len(batch)
-                inside, offset = more, end
-                if not more:
-                    horizon = (*begun, count)
+        fd = open_regular(file, os.O_RDONLY)
+        try:
+            refs = files.new_file(file, fd)
+            size = os.fstat(fd).st_size
+            offset, want = 0, _CHUNK
+            while offset < size:
+                start = offset
+                data = os.pread(fd, min(want, size - start), start)
+                dec = codec.decode(data, refs, start)
+                for batch, end, more in zip(dec.batches, dec.ends, dec.more, strict=True):
+                    apply(state, batch)
+                    if last is not None and not part:
+                        if not inside:
+                            begun, count = (number, offset), 0
+                        count += len(batch.keys) if isinstance(batch, Puts) else len(batch)
+                        inside = more
+                        if not more:
+                            horizon = (*begun, count)
+                    offset = start + end
+                if data and not dec.problem:
+                    continue
+                if start + len(data) >= size or not data:
+                    raise CorruptionError(f"{file}: damaged record at offset {offset}: "
+                                          f"{dec.problem or 'the file ends early'} "
+                                          "(run mpkv repair)", file, offset)
+                # The chunk ends inside a record: read on from it, the whole record.
+                want = max(_CHUNK, dec.need) if dec.stop else max(dec.need, 2 * len(data))
+        finally:
+            os.close(fd)
+        if last is not None and part:  # a former output: the state as of the end of `number`
+            horizon = max(horizon, (number + 1, 0, 0))
     if last is not None:
         last.append(horizon)
-    return state
+    return State(state, files)
+
+
+class _Inputs:
+    """Reads the values a ``State`` left in its input segments back, checking each
+    against the CRC-32 taken when its record's checksum was verified: a byte changed
+    since is a CorruptionError, never a wrong value in the outputs. Reads go through
+    ``pread``, not a map: the input pages read do not stay in the process's memory.
+
+    Inputs are sealed segments: no one truncates or rewrites them, and they stay in
+    place while the compaction lock is held. Used by one thread."""
+
+    def __init__(self, files: ValueFiles) -> None:
+        self.files = files
+        #: file id -> descriptor of that input, least recently used first
+        self.fds: dict[int, int] = {}
+
+    def _fd(self, vf: ValueFile) -> int:
+        fd = self.fds.pop(vf.fid, -1)
+        if fd < 0:
+            try:
+                fd = open_regular(vf.file, os.O_RDONLY)
+            except FileNotFoundError:
+                raise Error(f"{vf.file}: compaction input removed while compaction "
+                            "ran") from None
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != vf.ino:
+                os.close(fd)
+                raise Error(f"{vf.file}: compaction input replaced while compaction ran")
+            if len(self.fds) >= _OPEN_MAX:
+                os.close(self.fds.pop(next(iter(self.fds))))
+        self.fds[vf.fid] = fd
+        return fd
+
+    def batches(self, view: dict[str, Value | int]
+                ) -> Generator[list[tuple[str, Value]], None, None]:
+        """The items of ``view`` in order, handles replaced by their values, in lists
+        holding about ``_BATCH`` bytes of values read from the inputs (a larger value
+        alone): the number of items taken at a time follows the values' sizes."""
+        items = iter(view.items())
+        step = 64
+        while batch := list(islice(items, step)):
+            for piece, size in self._pieces(batch):
+                yield self._resolve(piece)
+                step = max(1, min(_STEP, 2 * step, _BATCH * len(piece) // (size or 1)))
+
+    def _pieces(self, items: list[tuple[str, Value | int]]
+                ) -> Iterator[tuple[list[tuple[str, Value | int]], int]]:
+        """``items`` cut in halves until each holds at most ``_BATCH`` bytes of values
+        left in the inputs (or one item); with that size."""
+        files = self.files.files
+        size = sum(files[h >> INDEX_BITS].lengths[h & INDEX_MASK]
+                   for _, h in items if h.__class__ is int)
+        if size <= _BATCH or len(items) == 1:
+            yield items, size
+            return
+        half = len(items) // 2
+        yield from self._pieces(items[:half])
+        yield from self._pieces(items[half:])
+
+    def _resolve(self, items: list[tuple[str, Value | int]]) -> list[tuple[str, Value]]:
+        """``items`` with every handle replaced by its value. (Per item work is done by
+        ``map`` and friends at C speed: this runs once per live key.)"""
+        values: list[Value | int] = list(map(_second, items))
+        is_handle = list(map(isinstance, values, repeat(int)))
+        count = is_handle.count(True)
+        if not count:
+            return items  # type: ignore[return-value]
+        where: range | list[int] = range(len(values))
+        handles: list[int] = values  # type: ignore[assignment]
+        if count < len(values):
+            where = list(compress(where, is_handle))
+            handles = list(compress(values, is_handle))  # type: ignore[arg-type]
+        fids = list(map(rshift, handles, repeat(INDEX_BITS)))
+        if min(fids) == max(fids):  # the common case: values written together
+            got = self._read(self.files.files[fids[0]],
+                             list(map(and_, handles, repeat(INDEX_MASK))))
+            if count == len(values):
+                return list(zip(map(_first, items), got, strict=True))
+            for i, value in zip(where, got, strict=True):
+                values[i] = value
+        else:
+            groups: dict[int, list[int]] = {}  # file id -> positions in ``where``
+            for n, fid in enumerate(fids):
+                groups.setdefault(fid, []).append(n)
+            for fid, group in groups.items():
+                got = self._read(self.files.files[fid],
+                                 [handles[n] & INDEX_MASK for n in group])
+                for n, value in zip(group, got, strict=True):
+                    values[where[n]] = value
+        return list(zip(map(_first, items), values, strict=True))  # type: ignore[arg-type]
+
+    def _read(self, vf: ValueFile, index: list[int]) -> list[Value]:
+        """The values of entries ``index`` of ``vf``: one ``pread`` of the span they lie
+        in when it is not much larger than they are (values written together lie
+        together), else one each."""
+        fd = self._fd(vf)
+        first = index[0]
+        if index == list(range(first, first + len(index))):  # written in this order
+            at = slice(first, first + len(index))
+            offsets, lengths, crcs = vf.offsets[at], vf.lengths[at], vf.crcs[at]
+            kinds = bytes(vf.kinds[at])
+        else:
+            offsets = array("Q", map(vf.offsets.__getitem__, index))
+            lengths = array("I", map(vf.lengths.__getitem__, index))
+            crcs = array("I", map(vf.crcs.__getitem__, index))
+            kinds = bytes(map(vf.kinds.__getitem__, index))
+        ends = array("Q", map(add, offsets, lengths))
+        lo, hi, need = min(offsets), max(ends), sum(lengths)
+        if hi - lo <= 2 * need + (64 << 10):
+            span = os.pread(fd, hi - lo, lo)
+            datas = list(map(span.__getitem__, map(slice, map(sub, offsets, repeat(lo)),
+                                                   map(sub, ends, repeat(lo)))))
+        else:
+            datas = list(map(os.pread, repeat(fd), lengths, offsets))
+        if (array("I", map(len, datas)) != lengths
+                or array("I", map(zlib.crc32, datas)) != crcs):
+            for j, data in zip(index, datas, strict=True):
+                self._check(vf, j, data)
+            raise AssertionError("a mismatch was found above")
+        if STR_VALUE not in kinds:
+            return datas  # type: ignore[return-value]
+        try:
+            if BYTES_VALUE not in kinds:
+                return list(map(bytes.decode, datas))
+            return [d.decode() if k == STR_VALUE else d for d, k in zip(datas, kinds, strict=True)]
+        except UnicodeDecodeError:  # only a CRC collision gets here
+            for j, data, kind in zip(index, datas, kinds, strict=True):
+                if kind == STR_VALUE:
+                    try:
+                        data.decode()
+                    except UnicodeDecodeError:
+                        raise CorruptionError(f"{vf.file}: damaged value at offset "
+                                              f"{vf.offsets[j]}: not UTF-8", vf.file,
+                                              vf.offsets[j]) from None
+            raise
+
+    @staticmethod
+    def _check(vf: ValueFile, j: int, data: bytes) -> None:
+        offset, length = vf.offsets[j], vf.lengths[j]
+        if len(data) != length:
+            raise CorruptionError(f"{vf.file}: a value at offset {offset} ({length} bytes) "
+                                  "lies past the end of the file", vf.file, offset)
+        if zlib.crc32(data) != vf.crcs[j]:
+            raise CorruptionError(f"{vf.file}: damaged value at offset {offset} "
+                                  f"({length} bytes): checksum mismatch", vf.file, offset)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 class Output(NamedTuple):
@@ -84,11 +276,14 @@ class Output(NamedTuple):
     crc: int
 
 
-def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: int,
+def write_outputs(path: str, codec: Codec, state: State, max_units: int,
                   number: int | None = None) -> list[Output]:
     """Write ``state`` into temporary files in ``.mpkv/`` (never taken for segments),
-    each within the segment limit and fsynced. Returns them in order. On any error (a
-    full disk) the files written so far are removed before it propagates.
+    each within the segment limit and fsynced. Returns them in order. Values left in
+    the inputs are read back about a record's worth at a time (``_Inputs.batches``),
+    so memory holds the state and about two records. On any error (a full disk, a
+    damaged input value) the files and hints written so far are removed before it
+    propagates.
 
     With ``number`` (the compaction's), each output gets its hint (hints.py), named for
     the output it becomes: ``number.0001``, ... Hints of outputs that never make it into
@@ -119,11 +314,11 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
         f.close()
         outputs.append(Output(tmp, size, crc))
 
-    items = list(state.items())
-    spans: list[Spans] | None = [] if number is not None else None
+    inputs = _Inputs(state.files)
+    batches = inputs.batches(state.view)
     try:
-        at = 0  # the first item of the next record
-        for i, (data, units) in enumerate(codec.encode_state(items, max_units, spans)):
+        for data, units, items, spans in codec.encode_state(chain.from_iterable(batches),
+                                                            max_units, number is not None):
             if f is None or used + units > max_units:
                 if f is not None:
                     seal()
@@ -131,9 +326,7 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
             assert f is not None
             if hint is not None:
                 assert spans is not None
-                n = len(spans[i].starts)
-                hint.add(data, size, items[at : at + n], spans[i])
-                at += n
+                hint.add(data, size, items, spans)
             f.write(data)
             used += units
             size += len(data)
@@ -152,8 +345,12 @@ def write_outputs(path: str, codec: Codec, state: dict[str, Value], max_units: i
                 os.unlink(gone)
             except FileNotFoundError:
                 pass
+        if number is not None and outputs:
+            hints.remove(path, [segment_name(number, k) for k in range(1, len(outputs) + 1)])
         raise
     finally:
+        batches.close()
+        inputs.close()
         if f is not None:
             f.close()
     return outputs

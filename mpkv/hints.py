@@ -335,7 +335,7 @@ def _one(only: str, ktext: str, kinds: bytes, slens: array[int], blens: array[in
     found with C-level searches and counts: no object per key. ``stext`` is the str
     values, or their bytes when those are ASCII."""
     empty = Hint(*head, [], b"", [], [], array("Q"), array("I"), array("I"))
-    if "\0" in only:
+    if "\0" in only or not kinds:  # no keys: the padded blob "\0\0" is no empty key
         return empty
     at = ("\0" + ktext + "\0").find("\0" + only + "\0")
     if at < 0:

@@ -155,6 +155,11 @@ class TransactionMapping(CopyViews, MutableMapping[str, Any]):
         """The committed keys, lazily where the backend can (``popitem`` needs one)."""
         return iter(self._committed_items())
 
+    def _committed_has(self, key: str) -> bool:
+        """Whether ``key`` is committed; a backend that can tell without reading the
+        value says so (counting, membership and deletes need no value)."""
+        return self._committed(key) is not MISSING
+
     # --- lifecycle --------------------------------------------------------------------
 
     def _live(self) -> None:
@@ -196,6 +201,27 @@ class TransactionMapping(CopyViews, MutableMapping[str, Any]):
                 items[key] = value
         return items
 
+    def _key_items(self) -> dict[str, Any]:
+        """The keys this block sees, in ``_encoded_items``' order; committed values are
+        not read (True stands for them): iterating, counting and clearing read none."""
+        self._live()
+        items: dict[str, Any] = dict.fromkeys(self._committed_keys(), True)
+        for key, value in self._writes.items():
+            if value is None:
+                items.pop(key, None)
+            else:
+                items[key] = value
+        return items
+
+    def _has(self, key: object) -> bool:
+        """Whether ``key`` is live in this block, without reading its value."""
+        self._live()
+        if key in self._writes:
+            return self._writes[key] is not None
+        if not isinstance(key, str):
+            raise TypeError(f"key must be str, not {type(key).__name__}")
+        return self._committed_has(key)
+
     def _stage(self, key: str, encoded: Value | None) -> None:
         """Buffer one checked write (``None`` deletes)."""
         self._ops.append((key, encoded))
@@ -214,7 +240,7 @@ class TransactionMapping(CopyViews, MutableMapping[str, Any]):
         return default if value is MISSING else self._serializer.decode(value)
 
     def __contains__(self, key: object) -> bool:
-        return self._encoded(key) is not MISSING  # type: ignore[arg-type]
+        return self._has(key)
 
     def put(self, key: str, value: Any) -> None:
         """Set ``key`` when the block commits (TypeError/ValueError now, nothing
@@ -230,17 +256,17 @@ class TransactionMapping(CopyViews, MutableMapping[str, Any]):
         it exists now."""
         self._live()
         self._check_op(key, None)
-        existed = self._encoded(key) is not MISSING
+        existed = self._has(key)
         self._stage(key, None)
         return existed
 
     def __delitem__(self, key: str) -> None:
-        if self._encoded(key) is MISSING:
+        if not self._has(key):
             raise KeyError(key)
         self._stage(key, None)
 
     def __len__(self) -> int:
-        return len(self._encoded_items())
+        return len(self._key_items())
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         """Like ``dict.update``; every value is checked before any is buffered."""
@@ -285,7 +311,7 @@ class TransactionMapping(CopyViews, MutableMapping[str, Any]):
 
     def clear(self) -> None:
         """Delete every key (one delete per live key, none for an empty store)."""
-        for key in list(self._encoded_items()):
+        for key in list(self._key_items()):
             self._stage(key, None)
 
     def incr(self, key: str, delta: int = 1) -> int:
@@ -358,7 +384,7 @@ class StoreMapping(CopyViews, MutableMapping[str, Any]):
 
     def _key_items(self) -> dict[str, Any]:
         tx = self._joined()
-        return self._copy_keys() if tx is None else tx._encoded_items()
+        return self._copy_keys() if tx is None else tx._key_items()
 
 
     # --- atomic read-modify-write: one transaction each ----------------------------------

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 from . import compaction, hints
 from .codec import BYTES_VALUE, STR_VALUE, Codec, Puts, ops_of
-from .errors import CorruptionError, FormatError
+from .errors import CorruptionError, Error, FormatError
 from .files import fsync_dir, make_dir, open_regular, read_capped, save_new, write_atomically
-from .locks import DirLock, WriterLock
+from .locks import CompactionLock, DirLock, WriterLock
 from .segments import (
     AUX,
+    COMPACT_LOCK,
     DIRLOCK,
     INTENT,
     LOCK,
@@ -177,13 +178,19 @@ def _meta(path: str) -> Meta:
 
 
 Progress = Callable[[list[str]], Iterable[str]]
+#: How many times ``verify`` reads the log before it gives up on a log that changes
+#: under every read (each compaction's switch starts it over).
+_ATTEMPTS = 5
 
 
-def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Report:
-    """Scan every segment of the log; with ``fix``, quarantine damage and rewrite."""
+def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None
+             ) -> tuple[Report, list[str]]:
+    """Scan every segment of the log; with ``fix``, quarantine damage and rewrite.
+    Returns the report and the segments listed (in one look: never a compaction's
+    switch halfway)."""
     report = Report()
     _unfinished_commit(path, meta, fix, report)
-    names = list_segments(path)
+    names = _list(path)
     log = log_of(path, names, _check_marker(path, names, fix, report))
     report.segments = len(log)
     segments = [_Segment(name, os.path.join(path, name)) for name in log]
@@ -214,7 +221,17 @@ def _examine(path: str, meta: Meta, fix: bool, progress: Progress | None) -> Rep
         report.actions.append(f"bridged the missing segments before {gap[1]}")
         log = log_of(path, list_segments(path), None)
     _check_hints(path, meta, log, fix, report)
-    return report
+    return report, names
+
+
+def _list(path: str) -> list[str]:
+    """The segments, listed under the directory lock (shared)."""
+    dirlock = DirLock(os.path.join(path, AUX, DIRLOCK), writable=False)
+    try:
+        with dirlock.shared():
+            return list_segments(path)
+    finally:
+        dirlock.close()
 
 
 def _check_hints(path: str, meta: Meta, log: list[str], fix: bool, report: Report) -> None:
@@ -379,20 +396,36 @@ def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
     """Check every record; the report says what is damaged. Changes nothing.
     ``progress`` wraps the list of segment names (for a progress bar)."""
     path = os.fspath(path)
-    return _examine(path, _meta(path), False, progress)
+    meta = _meta(path)
+    for _ in range(_ATTEMPTS):
+        try:
+            report, names = _examine(path, meta, False, progress)
+        except FileNotFoundError:  # a compaction removed a file being read
+            continue
+        if _list(path) == names:  # no compaction switched files meanwhile
+            return report
+    raise Error(f"{path}: the segments changed under every one of {_ATTEMPTS} attempts to "
+                "verify them (compactions running back to back?); try again")
 
 
 def repair(path: str | os.PathLike[str], *, progress: Progress | None = None) -> Report:
     """Salvage every valid record; move damaged bytes aside into ``.mpkv/quarantine/``."""
     path = os.fspath(path)
     meta = _meta(path)
-    lock = WriterLock(os.path.join(path, AUX, LOCK), None)
-    lock.acquire()
+    # No compaction runs meanwhile (it would write outputs from inputs being rewritten),
+    # and no writer.
+    compacting = CompactionLock(os.path.join(path, AUX, COMPACT_LOCK))
+    compacting.acquire(True)
     try:
-        return _examine(path, meta, True, progress)
+        lock = WriterLock(os.path.join(path, AUX, LOCK), None)
+        lock.acquire()
+        try:
+            return _examine(path, meta, True, progress)[0]
+        finally:
+            lock.release()
+            lock.close()
     finally:
-        lock.release()
-        lock.close()
+        compacting.release()
 
 
 def _quarantine(path: str, name: str, data: bytes, damage: list[Damage]) -> list[str]:

@@ -45,6 +45,7 @@ LOCK = "lock"
 SHM = "shm"
 READERS = "readers"
 INTENT = "txn"
+COMPACT_LOCK = "compact.lock"  # held by one compaction (or repair) at a time
 DIRLOCK = "dirlock"  # shared: listing + opening a segment; exclusive: compaction's switch
 SWITCH = "compacted"  # a committed compaction switch (``Switch``): its inputs go
 RETAINED = "retained"  # compacted inputs a live watcher has not read yet

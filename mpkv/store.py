@@ -31,11 +31,12 @@ from . import compaction, snapshot
 from .codec import Batch, Op, Value
 from .common import check_options, fork_epoch
 from .durability import Durability
-from .errors import ClosedError, Error, FormatError, LockTimeout, ReadOnlyError
+from .errors import ClosedError, CorruptionError, Error, FormatError, LockTimeout, ReadOnlyError
 from .locks import CompactionLock, DirLock, WriterLock
 from .mapping import MISSING, StoreMapping, TransactionMapping, open_block, savepoint
 from .segments import (
     AUX,
+    COMPACT_LOCK,
     DEFAULT_MAX_SEGMENT_BYTES,
     DIRLOCK,
     LOCK,
@@ -63,7 +64,6 @@ from .view import LogView, Look
 from .watch import LogWatcher, check_prefix, check_timeout, parse_position, unit_token
 from .writer import LogWriter
 
-COMPACT_LOCK = "compact.lock"
 AUTO_COMPACT_MIN_BYTES = 4 << 20  # no auto-compaction below this much sealed data...
 AUTO_COMPACT_GARBAGE = 0.5  # ... or while dead records are less than this fraction
 T = TypeVar("T")
@@ -581,7 +581,11 @@ class Store(LogView, StoreMapping):
                 if key not in items:
                     tx._stage(key, None)
             for key, value in items.items():
-                if self._encoded(key) != value:
+                try:
+                    same = self._encoded(key) == value
+                except CorruptionError:  # a damaged value is replaced, whatever it was
+                    same = False
+                if not same:
                     tx._stage(key, value)
 
     def compact(self, *, progress: Callable[[list[str]], Iterable[str]] | None = None
@@ -725,6 +729,9 @@ class Transaction(TransactionMapping):
 
     def _committed_keys(self) -> Iterator[str]:
         return iter(self._store._view)  # O(1) to the first key: popitem in a loop is linear
+
+    def _committed_has(self, key: str) -> bool:
+        return key in self._store._view  # the view does not change under the block
 
 
 class KeyReader(Store):

@@ -18,10 +18,11 @@ from __future__ import annotations
 import os
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
-from .codec import Batch, Codec, Value, apply
+from .codec import BYTES_VALUE, STR_VALUE, Batch, Codec, Value, apply
 from .common import fork_epoch
 from .errors import Error
 from .keydir import Moved, ValueFiles
@@ -31,6 +32,17 @@ from .segments import Cursor, Limit, Meta, NeedReload, list_log, parse_name, rea
 from .shm import SharedState
 
 T = TypeVar("T")
+
+
+def _entry(value: Value | int, values: ValueFiles) -> tuple[int, int, int] | None:
+    """``(length, crc, kind)`` of a value of the view, inline or in its file."""
+    if type(value) is int:
+        return values.entry(value)
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+        return len(data), zlib.crc32(data), STR_VALUE
+    assert isinstance(value, bytes)
+    return len(value), zlib.crc32(value), BYTES_VALUE
 
 
 class Look(NamedTuple):
@@ -77,7 +89,7 @@ class LogView:
         #: Where the view's handles point. Grown by the cursor under the tail mutex and
         #: replaced with the view by ``_reload`` (first, so that a reader holding a
         #: handle of the old view finds it unknown and looks again); read without a lock.
-        self._values = ValueFiles()
+        self._values = ValueFiles(keep=self.max_staleness is None)
         #: The end of what the view holds: read and moved under the tail mutex (by
         #: writes too: the writer appends at it), replaced whole by ``_reload``.
         self._cursor = self._new_cursor(self._values)
@@ -184,7 +196,7 @@ class LogView:
         none of them is fed the difference of two states in place of the changes.
         None (nothing changed) when a writer published during an untrusted read."""
         for _ in range(100):
-            values = ValueFiles()
+            values = ValueFiles(keep=self.max_staleness is None)
             cursor = self._new_cursor(values)
             try:
                 batches, _ = cursor.read(look.limit)
@@ -220,10 +232,15 @@ class LogView:
 
     @staticmethod
     def _same(a: object, a_values: ValueFiles, b: Value | int, b_values: ValueFiles) -> bool:
-        """Do two values of the view (of two builds of it) hold the same value?"""
-        if type(a) is int and type(b) is int:
-            entry = a_values.entry(a)
-            return entry is not None and entry == b_values.entry(b)
+        """Do two values of the view (of two builds of it) hold the same value? One may
+        be inline where the other is a handle (a writer keeps inline what it wrote over
+        several records, or a str of few code points but many bytes): compared by
+        length, CRC-32 and kind, as two handles are."""
+        if type(a) is int or type(b) is int:
+            if a is MISSING:
+                return False
+            entry = _entry(a, a_values)  # type: ignore[arg-type]
+            return entry is not None and entry == _entry(b, b_values)
         return a == b
 
     def _apply(self, batches: list[Batch]) -> None:

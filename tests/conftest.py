@@ -8,8 +8,10 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 import sys
 import traceback
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -407,3 +409,39 @@ class SegmentReads:
 
     def __exit__(self, *exc: Any) -> None:
         os.pread = self._real
+
+
+# ============================================================================
+# Values left in their files, attacked (test_keydir_redteam.py)
+# ============================================================================
+
+
+def fd_count() -> int:
+    """Descriptors this process has open now."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def outputs(path: str) -> list[str]:
+    """The compaction outputs in a store's directory, in name order."""
+    return sorted(n for n in os.listdir(path) if n.count(".") == 2)
+
+
+def reseal_hint(data: bytes) -> bytes:
+    """A hint's bytes with their trailing CRC-32 made right again (a hostile edit)."""
+    return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
+
+
+# ============================================================================
+# Damage on disk (compaction of large values)
+# ============================================================================
+
+
+def flip_byte(file: str | os.PathLike[str], offset: int) -> None:
+    """Flip the low bit of the byte at ``offset`` of ``file`` in place, changing nothing
+    else (no checksum fixed, size and inode kept)."""
+    with _real_open(file, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        assert len(byte) == 1, (file, offset)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))

@@ -10,6 +10,7 @@ each op returned, seeded op generators the parent regenerates).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -33,6 +34,7 @@ for _p in (ROOT, TESTS):
 import compaction_workers as cw  # noqa: E402
 
 import mpkv  # noqa: E402
+from mpkv.locks import CompactionLock  # noqa: E402
 
 WORKER = os.path.join(TESTS, "compaction_workers.py")
 FORMATS = ["binary", "text"]
@@ -579,3 +581,58 @@ def test_text_segments_after_compaction_are_put_lines_only(tmp_path: Path) -> No
     assert not deleted & set(parsed)
     assert state_of(path) == expected
     assert state_of(path, readonly=True) == expected
+
+
+# --- verify and repair beside a compaction --------------------------------------------
+
+
+def _churn(path: str, rounds: int) -> None:
+    with mpkv.Store(path, fsync="never", auto_compact=False, max_segment_bytes=4000) as s:
+        for r in range(rounds):
+            s.update({f"k{i}": f"{r}-{i}" * 20 for i in range(60)})
+            s.compact()
+
+
+def test_verify_during_compactions_neither_raises_nor_reports_false_damage(tmp_path):
+    path = str(tmp_path / "s")
+    _churn(path, 1)
+    child = multiprocessing.get_context("fork").Process(target=_churn, args=(path, 60))
+    child.start()
+    problems: list[str] = []
+    try:
+        while child.is_alive():
+            try:
+                report = mpkv.verify(path)
+            except Exception as exc:  # before: FileNotFoundError of a compacted segment
+                problems.append(f"verify raised {exc!r}")
+                continue
+            if not report.ok:
+                problems.append(report.summary())
+    finally:
+        child.join()
+    assert child.exitcode == 0
+    assert not problems, problems[:3]
+
+
+def test_repair_waits_for_a_running_compaction(tmp_path):
+    path = str(tmp_path / "s")
+    _churn(path, 1)
+    released = tmp_path / "released"
+    ready = multiprocessing.get_context("fork").Event()
+
+    def hold() -> None:
+        lock = CompactionLock(os.path.join(path, ".mpkv", "compact.lock"))
+        lock.acquire(True)
+        ready.set()
+        time.sleep(0.5)
+        released.write_text("yes")
+        lock.release()
+
+    child = multiprocessing.get_context("fork").Process(target=hold)
+    child.start()
+    try:
+        assert ready.wait(10)
+        assert mpkv.repair(path).ok
+        assert released.exists(), "repair ran while a compaction held its lock"
+    finally:
+        child.join()

@@ -20,7 +20,7 @@ from conftest import SegmentReads, replayed, view_entries
 
 import mpkv
 from mpkv import hints
-from mpkv.keydir import INLINE_MAX
+from mpkv.keydir import INLINE_MAX, ValueFiles
 
 MAXSEG = 20000  # a few outputs per compaction
 
@@ -267,8 +267,8 @@ def test_hints_of_a_compaction_that_did_not_commit_are_tidied(tmp_path: Path) ->
     meta = read_meta(path)
     assert isinstance(meta, Meta)
     number = max(int(n[:12]) for n in os.listdir(path) if n.endswith(".seg")) - 1
-    outs = compaction.write_outputs(path, meta.codec, {"zombie": "z" * 1000},
-                                    meta.max_segment_bytes, number)
+    zombie = compaction.State({"zombie": "z" * 1000}, ValueFiles())
+    outs = compaction.write_outputs(path, meta.codec, zombie, meta.max_segment_bytes, number)
     os.rename(outs[0].path, os.path.join(path, f"{number:012d}.0001.seg"))
     stray = f"{number:012d}.0001.seg"
     assert stray in hints.names(path)
