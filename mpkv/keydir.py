@@ -285,8 +285,15 @@ class ValueFiles:
                 vf.kept = -1
             self._kept.clear()
 
+    def forked(self) -> None:
+        """In a forked child, before ``close``: the mutex may be held by a thread of the
+        parent, which does not exist here."""
+        self._mutex = threading.Lock()
+
     def __del__(self) -> None:
-        # A forked child's copy, or a view dropped without close(): nobody uses its
-        # descriptors any more.
-        if self._kept:
-            self.close()
+        # A view dropped without close(): nobody can use it, so no lock is needed (and
+        # one inherited through fork may be held for ever).
+        for vf in self._kept:
+            if vf.kept >= 0:
+                os.close(vf.kept)
+                vf.kept = -1

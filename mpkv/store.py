@@ -207,6 +207,7 @@ class Store(LogView, StoreMapping):
             # not exist here. Start over with our own (the parent's watchers stay the
             # parent's).
             self._watchers = weakref.WeakSet()
+            self._values.forked()
             self._close_files()
             self._open_files()
 

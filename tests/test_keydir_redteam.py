@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -502,3 +503,29 @@ def test_reader_with_no_staleness_limit_sees_no_write_before_refresh_after_a_com
         assert r["k"] == "new" * 100 and r["added"] == "a" * 300
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("staleness", [0.0, None])
+def test_child_forked_while_a_thread_maps_a_file_does_not_hang(tmp_path, staleness):
+    """A thread of the parent holds the map mutex (mapping a file) when another forks:
+    the child inherits the mutex held by a thread that does not exist there. Its first
+    call reopens the store and must not wait on it."""
+    path = str(tmp_path / "s")
+    s = mpkv.Store(path, fsync="never", auto_compact=False, max_staleness=staleness)
+    try:
+        s.update({f"k{i}": BIG + str(i) for i in range(4)})
+        assert s["k1"] == BIG + "1"
+
+        def child() -> str:
+            signal.alarm(20)  # a hang is a SIGALRM death, not a stuck suite
+            value = s["k2"]
+            s["k3"] = BIG + "child"
+            return value
+
+        with s._values._mutex:  # what a thread inside ValueFiles._map holds
+            status, got = in_child(child)
+        assert (status, got) == ("ok", BIG + "2")
+        s.refresh()
+        assert s["k3"] == BIG + "child" and s["k1"] == BIG + "1"
+    finally:
+        s.close()
