@@ -64,9 +64,11 @@ def _spoil_hints(path: str, how: str) -> None:
             os.unlink(file)
 
 
+@pytest.mark.parametrize("fmt", ["binary", "text"])
 @pytest.mark.parametrize("serializer", ["raw", "json"])
 @pytest.mark.parametrize("how", ["valid", "damaged", "stale", "none"])
-def test_key_reader_agrees_with_a_full_open_whatever_the_hints_state(tmp_path, serializer, how):
+def test_key_reader_agrees_with_a_full_open_whatever_the_hints_state(tmp_path, fmt, serializer,
+                                                                     how):
     """Keys joined in the hint (no key holds U+0000): the C-level lookup, on ASCII and
     non-ASCII values (cut from bytes or from decoded text), keys that are substrings of
     others, deletes and overwrites after the compaction."""
@@ -77,7 +79,8 @@ def test_key_reader_agrees_with_a_full_open_whatever_the_hints_state(tmp_path, s
     }
     if serializer == "json":
         values = {k: {"v": v, "n": [1, 2]} for k, v in values.items()}
-    with mpkv.Store(path, serializer=serializer, fsync="never", auto_compact=False) as s:
+    with mpkv.Store(path, format=fmt, serializer=serializer, fsync="never",
+                    auto_compact=False) as s:
         s.update(values)
         s.compact()
         del s["gone"]
@@ -234,12 +237,15 @@ def test_refresh_after_a_rebuild_counts_no_unchanged_value_as_changed(tmp_path):
         w.close()
 
 
-def test_readers_with_manual_refresh_see_whole_values_while_another_process_compacts(tmp_path):
+@pytest.mark.parametrize("staleness", [None, 0.0])
+def test_reader_threads_see_whole_values_while_another_process_compacts(tmp_path, staleness):
+    """Threads reading (one also refreshing) while another process overwrites and
+    compacts: views are rebuilt under them (refresh, or a read whose file is gone)."""
     path = str(tmp_path / "s")
     n = 30
     with mpkv.Store(path, fsync="never", auto_compact=False, max_segment_bytes=20000) as s:
         s.update({f"k{i}": f"{i:03d}:{0:05d}|" * 40 for i in range(n)})
-    r = mpkv.Store(path, readonly=True, max_staleness=None)
+    r = mpkv.Store(path, readonly=True, max_staleness=staleness)
     errors: list[str] = []
     stop = threading.Event()
 
@@ -261,7 +267,7 @@ def test_readers_with_manual_refresh_see_whole_values_while_another_process_comp
     def write() -> None:
         with mpkv.Store(path, fsync="never", auto_compact=False,
                         max_segment_bytes=20000) as w:
-            for round_ in range(1, 41):
+            for round_ in range(1, 121):
                 w.update({f"k{i}": f"{i:03d}:{round_:05d}|" * 40 for i in range(0, n, 4)})
                 if round_ % 8 == 0:
                     w.compact()
@@ -276,7 +282,7 @@ def test_readers_with_manual_refresh_see_whole_values_while_another_process_comp
         for t in threads:
             t.join()
     r.refresh()
-    assert r["k0"] == f"{0:03d}:{40:05d}|" * 40
+    assert r["k0"] == f"{0:03d}:{120:05d}|" * 40
     r.close()
     assert not errors, errors[:5]
 
