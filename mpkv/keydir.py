@@ -47,6 +47,10 @@ INLINE_MAX = 128
 #: At most this many segment files are mapped by one store at a time (each map holds a
 #: descriptor); the oldest map is dropped first and made again when needed.
 MAX_MAPPED = 64
+#: A view that must not move but on ``refresh()`` (``max_staleness=None``) keeps a
+#: descriptor of each segment file it holds values in, so that a file a compaction
+#: removed stays readable; at most this many (past them, files are reopened by name).
+MAX_KEPT = 256
 
 _INDEX_BITS = 32
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
@@ -75,13 +79,16 @@ class ValueFile:
         "file",
         "inline_max",
         "ino",
+        "kept",
         "kinds",
         "lengths",
         "map",
         "offsets",
+        "source",
     )
 
-    def __init__(self, registry: ValueFiles, file: str, ino: tuple[int, int]) -> None:
+    def __init__(self, registry: ValueFiles, file: str, ino: tuple[int, int],
+                 source: int) -> None:
         self.fid = next(_file_ids)
         self.file = file
         self.ino = ino  # (st_dev, st_ino) when first read: a file put in its place is not it
@@ -94,13 +101,19 @@ class ValueFile:
         #: the registry's mutex; read without a lock (a reader keeps the object it got
         #: alive, even if the registry drops it meanwhile).
         self.map: mmap.mmap | _Pread | None = None
+        #: The descriptor the file is read from while entries are added (the cursor's:
+        #: entries are added only while the cursor is in this file).
+        self.source = source
+        #: A descriptor of the file this table owns (registry with ``keep``), or -1.
+        #: Set and closed under the registry's mutex, used only under it.
+        self.kept = -1
         self._registry = registry
 
     def add(self, offset: int, length: int, crc: int, kind: int) -> int:
         """Record a value at ``offset`` of the file; its handle."""
         index = len(self.lengths)
         if not index:
-            self._registry.files[self.fid] = self
+            self._registry.register(self)
         self.offsets.append(offset)
         self.lengths.append(length)
         self.crcs.append(crc)
@@ -115,8 +128,8 @@ class ValueFile:
                kinds: bytes) -> range:
         """Record many values at once; their handles, in order."""
         index = len(self.lengths)
-        if not index:
-            self._registry.files[self.fid] = self
+        if not index and kinds:
+            self._registry.register(self)
         self.offsets.extend(offsets)
         self.lengths.extend(lengths)
         self.crcs.extend(crcs)
@@ -154,8 +167,13 @@ class ValueFiles:
     the view from scratch (after a compaction); the old one's maps close when the last
     reader holding them lets go."""
 
-    def __init__(self, inline_max: int = INLINE_MAX) -> None:
+    def __init__(self, inline_max: int = INLINE_MAX, keep: bool = False) -> None:
         self.inline_max = inline_max
+        #: Keep a descriptor of each file with entries (``MAX_KEPT``): its values stay
+        #: readable after a compaction removed it, so the view never has to move.
+        self.keep = keep
+        #: Files holding a descriptor (``ValueFile.kept``); guarded by ``_mutex``.
+        self._kept: list[ValueFile] = []
         #: file id -> ValueFile with at least one entry. Added to by the tailing thread
         #: (tail mutex); read without a lock.
         self.files: dict[int, ValueFile] = {}
@@ -166,7 +184,16 @@ class ValueFiles:
     def new_file(self, file: str, fd: int) -> ValueFile:
         """A table for the segment file ``file``, open at ``fd`` (the caller's)."""
         st = os.fstat(fd)
-        return ValueFile(self, file, (st.st_dev, st.st_ino))
+        return ValueFile(self, file, (st.st_dev, st.st_ino), fd)
+
+    def register(self, vf: ValueFile) -> None:
+        """``vf`` got its first entry (tail mutex held, its source descriptor open)."""
+        if self.keep:
+            with self._mutex:
+                if len(self._kept) < MAX_KEPT:
+                    vf.kept = os.dup(vf.source)
+                    self._kept.append(vf)
+        self.files[vf.fid] = vf
 
     def read(self, handle: int) -> Value | None:
         """The value of ``handle``; None when its file is not one of this view's (the
@@ -208,16 +235,20 @@ class ValueFiles:
         return vf.lengths[i], vf.crcs[i], vf.kinds[i]
 
     def _map(self, vf: ValueFile, end: int) -> mmap.mmap | _Pread:
-        """Map ``vf``'s file as long as it is now (it must reach ``end``), reopening it
-        by name: Moved when it is gone or another file is in its place."""
+        """Map ``vf``'s file as long as it is now (it must reach ``end``), from the
+        descriptor it keeps or reopening it by name: Moved when it is gone or another
+        file is in its place."""
         with self._mutex:
             m = vf.map
             if m is not None and end <= len(m):
                 return m  # another thread mapped it meanwhile
-            try:
-                fd = open_regular(vf.file, os.O_RDONLY)
-            except FileNotFoundError:
-                raise Moved(vf.file) from None
+            if vf.kept >= 0:
+                fd = os.dup(vf.kept)
+            else:
+                try:
+                    fd = open_regular(vf.file, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise Moved(vf.file) from None
             try:
                 st = os.fstat(fd)
                 if (st.st_dev, st.st_ino) != vf.ino:
@@ -243,8 +274,26 @@ class ValueFiles:
             return m
 
     def close(self) -> None:
-        """Drop every map (they close once no reader holds them)."""
+        """Drop every map (they close once no reader holds them) and close the kept
+        descriptors."""
         with self._mutex:
             for vf in self._mapped:
                 vf.map = None
             self._mapped.clear()
+            for vf in self._kept:
+                os.close(vf.kept)
+                vf.kept = -1
+            self._kept.clear()
+
+    def forked(self) -> None:
+        """In a forked child, before ``close``: the mutex may be held by a thread of the
+        parent, which does not exist here."""
+        self._mutex = threading.Lock()
+
+    def __del__(self) -> None:
+        # A view dropped without close(): nobody can use it, so no lock is needed (and
+        # one inherited through fork may be held for ever).
+        for vf in self._kept:
+            if vf.kept >= 0:
+                os.close(vf.kept)
+                vf.kept = -1

@@ -31,7 +31,7 @@ from . import compaction, snapshot
 from .codec import Batch, Op, Value
 from .common import check_options, fork_epoch
 from .durability import Durability
-from .errors import ClosedError, Error, FormatError, LockTimeout, ReadOnlyError
+from .errors import ClosedError, CorruptionError, Error, FormatError, LockTimeout, ReadOnlyError
 from .locks import CompactionLock, DirLock, WriterLock
 from .mapping import MISSING, StoreMapping, TransactionMapping, open_block, savepoint
 from .segments import (
@@ -207,6 +207,7 @@ class Store(LogView, StoreMapping):
             # not exist here. Start over with our own (the parent's watchers stay the
             # parent's).
             self._watchers = weakref.WeakSet()
+            self._values.forked()
             self._close_files()
             self._open_files()
 
@@ -581,7 +582,11 @@ class Store(LogView, StoreMapping):
                 if key not in items:
                     tx._stage(key, None)
             for key, value in items.items():
-                if self._encoded(key) != value:
+                try:
+                    same = self._encoded(key) == value
+                except CorruptionError:  # a damaged value is replaced, whatever it was
+                    same = False
+                if not same:
                     tx._stage(key, value)
 
     def compact(self, *, progress: Callable[[list[str]], Iterable[str]] | None = None

@@ -89,7 +89,7 @@ class LogView:
         #: Where the view's handles point. Grown by the cursor under the tail mutex and
         #: replaced with the view by ``_reload`` (first, so that a reader holding a
         #: handle of the old view finds it unknown and looks again); read without a lock.
-        self._values = ValueFiles()
+        self._values = ValueFiles(keep=self.max_staleness is None)
         #: The end of what the view holds: read and moved under the tail mutex (by
         #: writes too: the writer appends at it), replaced whole by ``_reload``.
         self._cursor = self._new_cursor(self._values)
@@ -196,7 +196,7 @@ class LogView:
         none of them is fed the difference of two states in place of the changes.
         None (nothing changed) when a writer published during an untrusted read."""
         for _ in range(100):
-            values = ValueFiles()
+            values = ValueFiles(keep=self.max_staleness is None)
             cursor = self._new_cursor(values)
             try:
                 batches, _ = cursor.read(look.limit)

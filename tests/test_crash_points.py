@@ -61,14 +61,14 @@ def _compact_watched(path: str, arm: Callable[[], None]) -> None:
     del watcher
 
 
-def _compacted_then(fmt: str, maxseg: int) -> Callable[[str], None]:
+def _compacted_then(fmt: str, maxseg: int, width: int = 8) -> Callable[[str], None]:
     """A store compacted once (its log starts with compaction outputs), then written."""
     def build(path: str) -> None:
-        _filled(fmt, maxseg, 6, 8, 1, 2)(path)
+        _filled(fmt, maxseg, 6, width, 1, 2)(path)
         with mpkv.Store(path, **_opts()) as s:
             s.compact()
             for i in range(4):
-                s.put(f"k{i}", f"again{i}")
+                s.put(f"k{i}", f"again{i}".ljust(width, "a"))
             s.delete("k5")
     return build
 
@@ -148,6 +148,10 @@ CASES = [
     CrashCase("compact-text-several-outputs", _filled("text", 40, 8, 8, 1, 2), _compact(2)),
     CrashCase("compact-text-one-segment-two-outputs", _filled("text", 30, 2, 10), _compact(2)),
     CrashCase("compact-text-again", _compacted_then("text", 30), _compact(2)),
+    # compaction of values large enough to stay in the files: hints written, removed
+    CrashCase("compact-binary-hints", _filled("binary", 1000, 8, 300, 1, 2), _compact(2)),
+    CrashCase("compact-text-hints", _filled("text", 1000, 8, 300, 1, 2), _compact(2)),
+    CrashCase("compact-binary-hints-again", _compacted_then("binary", 1000, 300), _compact(2)),
     # writes
     CrashCase("put-rotates-binary", _filled("binary", 100, 6, 10), _put_rotating("binary")),
     CrashCase("put-value-holding-a-record", _filled("binary", 1000, 3, 10),

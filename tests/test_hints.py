@@ -22,7 +22,7 @@ import mpkv
 from mpkv import hints
 from mpkv.keydir import INLINE_MAX, ValueFiles
 
-MAXSEG = 4000  # a few outputs per compaction
+MAXSEG = 20000  # a few outputs per compaction
 
 
 def _items(fmt: str, serializer: str) -> dict[str, Any]:
@@ -31,12 +31,12 @@ def _items(fmt: str, serializer: str) -> dict[str, Any]:
     items: dict[str, Any] = {"nul\0key": "its output cuts keys by length"}
     top = INLINE_MAX + 11
     for i in range(150):
-        n = i * 7 % top
+        n = 3000 + i if i % 3 == 1 else i * 7 % top  # large values: hints pay off
         key = ["k", "ключ-", "🔑", "a b"][i % 4] + str(i)
         if serializer == "json":
             items[key] = {"n": i, "s": "é" * (n // 2), "l": list(range(n % 7))}
         elif fmt == "binary" and i % 3 == 0:
-            items[key] = (bytes(range(256)) * 2)[:n]
+            items[key] = (bytes(range(256)) * (1 + n // 256))[:n]
         else:
             items[key] = ("x" if i % 2 else "é") * (n // (1 + i % 2))
     quotes = 0 if serializer == "raw" else 2  # a JSON string is encoded with its quotes
@@ -261,7 +261,7 @@ def test_hints_of_a_compaction_that_did_not_commit_are_tidied(tmp_path: Path) ->
     path = str(tmp_path / "s")
     _build(path)
     with mpkv.Store(path, auto_compact=False) as s:
-        for i in range(6):  # rotates: the segment a compaction would seal first
+        for i in range(2 * MAXSEG // 1500):  # rotates: the segment compaction seals first
             s[f"fill{i}"] = "f" * 1500
         expect = dict(s.items())
     meta = read_meta(path)
@@ -293,3 +293,18 @@ def test_a_later_compaction_removes_the_hints_of_its_inputs(tmp_path: Path) -> N
         s.compact()
     after = set(hints.names(path))
     assert after == set(_outputs(path)) and not after & before
+
+
+def test_a_hints_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    """Compaction writes and deletes in .mpkv/hints: a link there would make it write
+    or delete elsewhere, so opening refuses the store, as for the other folders."""
+    path = str(tmp_path / "s")
+    _build(path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / _outputs(path)[0]).write_bytes(b"not mpkv's")
+    shutil.rmtree(os.path.join(path, ".mpkv", "hints"))
+    os.symlink(outside, os.path.join(path, ".mpkv", "hints"))
+    with pytest.raises(mpkv.FormatError, match="hints"):
+        mpkv.Store(path)
+    assert [p.name for p in outside.iterdir()] == [_outputs(path)[0]]

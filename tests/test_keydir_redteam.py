@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -63,9 +64,11 @@ def _spoil_hints(path: str, how: str) -> None:
             os.unlink(file)
 
 
+@pytest.mark.parametrize("fmt", ["binary", "text"])
 @pytest.mark.parametrize("serializer", ["raw", "json"])
 @pytest.mark.parametrize("how", ["valid", "damaged", "stale", "none"])
-def test_key_reader_agrees_with_a_full_open_whatever_the_hints_state(tmp_path, serializer, how):
+def test_key_reader_agrees_with_a_full_open_whatever_the_hints_state(tmp_path, fmt, serializer,
+                                                                     how):
     """Keys joined in the hint (no key holds U+0000): the C-level lookup, on ASCII and
     non-ASCII values (cut from bytes or from decoded text), keys that are substrings of
     others, deletes and overwrites after the compaction."""
@@ -76,7 +79,8 @@ def test_key_reader_agrees_with_a_full_open_whatever_the_hints_state(tmp_path, s
     }
     if serializer == "json":
         values = {k: {"v": v, "n": [1, 2]} for k, v in values.items()}
-    with mpkv.Store(path, serializer=serializer, fsync="never", auto_compact=False) as s:
+    with mpkv.Store(path, format=fmt, serializer=serializer, fsync="never",
+                    auto_compact=False) as s:
         s.update(values)
         s.compact()
         del s["gone"]
@@ -171,9 +175,9 @@ def test_value_rewritten_in_place_after_a_reader_mapped_it_is_corruption(tmp_pat
 
 def test_segment_replaced_by_an_edited_copy_gives_old_value_or_the_new_files(tmp_path):
     """A program replaces a sealed segment by an edited copy (new inode, same name): a
-    reader that mapped the old one keeps its value; one that did not reads the new
-    file's state (it rebuilds its view), never a mix, never the old bytes' offsets in
-    the new file."""
+    reader that mapped the old one keeps its value, as does one whose view must not
+    move (it keeps the file open); another reads the new file's state (it rebuilds its
+    view), never a mix, never the old bytes' offsets in the new file."""
     path = str(tmp_path / "s")
     with mpkv.Store(path, fsync="never", auto_compact=False, max_segment_bytes=3000) as s:
         s["a"] = "a" * 1000
@@ -181,7 +185,8 @@ def test_segment_replaced_by_an_edited_copy_gives_old_value_or_the_new_files(tmp
         s["c"] = "c" * 1000  # rotates: the first segment is sealed
     first = os.path.join(path, sorted(n for n in os.listdir(path) if n.endswith(".seg"))[0])
     mapped = mpkv.Store(path, readonly=True, max_staleness=None)
-    unmapped = mpkv.Store(path, readonly=True, max_staleness=None)
+    unmapped = mpkv.Store(path, readonly=True)
+    kept = mpkv.Store(path, readonly=True, max_staleness=None)
     try:
         assert mapped["a"] == "a" * 1000
         # the copy holds one more byte before the values (a record is re-framed):
@@ -196,9 +201,11 @@ def test_segment_replaced_by_an_edited_copy_gives_old_value_or_the_new_files(tmp
         assert mapped["a"] == "a" * 1000 and mapped["b"] == "b" * 1000
         assert unmapped["a"] == "a" * 1000 + "!"  # the files' state now
         assert unmapped["b"] == "b" * 1000 and unmapped["c"] == "c" * 1000
+        assert kept["a"] == "a" * 1000 and kept["b"] == "b" * 1000
     finally:
         mapped.close()
         unmapped.close()
+        kept.close()
 
 
 # --- processes and threads --------------------------------------------------------
@@ -230,12 +237,15 @@ def test_refresh_after_a_rebuild_counts_no_unchanged_value_as_changed(tmp_path):
         w.close()
 
 
-def test_readers_with_manual_refresh_see_whole_values_while_another_process_compacts(tmp_path):
+@pytest.mark.parametrize("staleness", [None, 0.0])
+def test_reader_threads_see_whole_values_while_another_process_compacts(tmp_path, staleness):
+    """Threads reading (one also refreshing) while another process overwrites and
+    compacts: views are rebuilt under them (refresh, or a read whose file is gone)."""
     path = str(tmp_path / "s")
     n = 30
     with mpkv.Store(path, fsync="never", auto_compact=False, max_segment_bytes=20000) as s:
         s.update({f"k{i}": f"{i:03d}:{0:05d}|" * 40 for i in range(n)})
-    r = mpkv.Store(path, readonly=True, max_staleness=None)
+    r = mpkv.Store(path, readonly=True, max_staleness=staleness)
     errors: list[str] = []
     stop = threading.Event()
 
@@ -257,7 +267,7 @@ def test_readers_with_manual_refresh_see_whole_values_while_another_process_comp
     def write() -> None:
         with mpkv.Store(path, fsync="never", auto_compact=False,
                         max_segment_bytes=20000) as w:
-            for round_ in range(1, 41):
+            for round_ in range(1, 121):
                 w.update({f"k{i}": f"{i:03d}:{round_:05d}|" * 40 for i in range(0, n, 4)})
                 if round_ % 8 == 0:
                     w.compact()
@@ -272,7 +282,7 @@ def test_readers_with_manual_refresh_see_whole_values_while_another_process_comp
         for t in threads:
             t.join()
     r.refresh()
-    assert r["k0"] == f"{0:03d}:{40:05d}|" * 40
+    assert r["k0"] == f"{0:03d}:{120:05d}|" * 40
     r.close()
     assert not errors, errors[:5]
 
@@ -447,3 +457,81 @@ def test_transaction_len_in_iteration_delete_and_clear_read_no_value_file(tmp_pa
         _damage(path, b"e" * 500)
         s.clear()
         assert not reads and len(s) == 0
+
+
+def test_deserialize_replaces_a_store_holding_a_damaged_value(tmp_path):
+    """Restoring a backup is how a user recovers from a damaged value: deserialize must
+    not stop at reading it (it only compares old values to skip unchanged ones)."""
+    path, snap = str(tmp_path / "s"), str(tmp_path / "snap")
+    with mpkv.Store(str(tmp_path / "good"), fsync="never") as good:
+        good.update({"victim": "d" * 500, "other": "o" * 500})
+        good.serialize(snap)
+    with mpkv.Store(path, fsync="never", auto_compact=False) as s:
+        s.update({"victim": "d" * 500, "other": "o" * 500, "extra": "x" * 500})
+        _damage(path, b"d" * 500)
+        with pytest.raises(CorruptionError):
+            s["victim"]
+        s.deserialize(snap)
+        assert dict(s.items()) == {"victim": "d" * 500, "other": "o" * 500}
+
+
+def test_damaged_value_can_be_overwritten_and_deleted(tmp_path):
+    path = str(tmp_path / "s")
+    with mpkv.Store(path, fsync="never", auto_compact=False) as s:
+        s.update({"a": "d" * 500, "b": "e" * 500})
+        _damage(path, b"d" * 500)
+        _damage(path, b"e" * 500)
+        s["a"] = "fixed"
+        assert s["a"] == "fixed"
+        assert s.delete("b") is True and "b" not in s
+
+
+def test_reader_with_no_staleness_limit_sees_no_write_before_refresh_after_a_compaction(
+        tmp_path):
+    """max_staleness=None: only refresh() moves the view. A value whose segment another
+    process compacted away (never read here, so never mapped) must still read as of
+    the view, not send the reader to the new files' newer state."""
+    path = str(tmp_path / "s")
+    with mpkv.Store(path, fsync="never", auto_compact=False) as w:
+        w.update({"k": "old" * 100, "j": "j" * 300})
+    r = mpkv.Store(path, readonly=True, max_staleness=None)
+    try:
+        def rewrite_and_compact() -> None:
+            with mpkv.Store(path, fsync="never", auto_compact=False) as w:
+                w["k"] = "new" * 100
+                w["added"] = "a" * 300
+                w.compact()
+
+        assert in_child(rewrite_and_compact) == ("ok", None)
+        assert r["k"] == "old" * 100 and "added" not in r and r["j"] == "j" * 300
+        assert dict(r.items()) == {"k": "old" * 100, "j": "j" * 300}
+        assert r.refresh() == 2
+        assert r["k"] == "new" * 100 and r["added"] == "a" * 300
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("staleness", [0.0, None])
+def test_child_forked_while_a_thread_maps_a_file_does_not_hang(tmp_path, staleness):
+    """A thread of the parent holds the map mutex (mapping a file) when another forks:
+    the child inherits the mutex held by a thread that does not exist there. Its first
+    call reopens the store and must not wait on it."""
+    path = str(tmp_path / "s")
+    s = mpkv.Store(path, fsync="never", auto_compact=False, max_staleness=staleness)
+    try:
+        s.update({f"k{i}": BIG + str(i) for i in range(4)})
+        assert s["k1"] == BIG + "1"
+
+        def child() -> str:
+            signal.alarm(20)  # a hang is a SIGALRM death, not a stuck suite
+            value = s["k2"]
+            s["k3"] = BIG + "child"
+            return value
+
+        with s._values._mutex:  # what a thread inside ValueFiles._map holds
+            status, got = in_child(child)
+        assert (status, got) == ("ok", BIG + "2")
+        s.refresh()
+        assert s["k3"] == BIG + "child" and s["k1"] == BIG + "1"
+    finally:
+        s.close()
