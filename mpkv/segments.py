@@ -658,6 +658,11 @@ class Cursor:
         # one listing per tail step, not one per segment. None: not listed yet.
         self._listing: list[tuple[str, str]] | None = None
 
+    @property
+    def listing(self) -> list[tuple[str, str]] | None:
+        """The log's names as the last ``read`` listed them (None: it did not list)."""
+        return self._listing
+
     def _enter(self, name: str, folder: str, fd: int) -> None:
         self.close()
         self.name, self.folder, self.fd, self.offset, self.units = name, folder, fd, 0, 0

@@ -392,6 +392,14 @@ class Store(LogView, StoreMapping):
         self._wlock.release()
 
     def _sync_with_log(self) -> None:
+        """``_sync_log`` flagged as under the writer lock (tail mutex held)."""
+        self._under_writer_lock = True
+        try:
+            self._sync_log()
+        finally:
+            self._under_writer_lock = False
+
+    def _sync_log(self) -> None:
         """Under the writer lock: apply other processes' records, decide what a writer
         that died left behind, cut a torn tail, and publish the result.
 
@@ -486,6 +494,10 @@ class Store(LogView, StoreMapping):
         if self._writer.sealed_bytes >= self._next_check:
             self._maybe_compact()
         self._durability.after_write()
+        if self._let_go and self.max_staleness is not None:
+            with self._tail_mutex:
+                if self._let_go:
+                    self._rebuild()
 
     def _maybe_compact(self) -> None:
         """Start a background compaction when dead records fill most of the sealed data.
@@ -638,6 +650,12 @@ class Store(LogView, StoreMapping):
                                       self._dirlock, horizon[0])
                 finally:
                     self._unlock()
+                # Let go of the inputs (maps, kept descriptors): the view moves to the
+                # outputs (other writers are not held meanwhile), unless only refresh()
+                # may move it.
+                if self.max_staleness is not None:
+                    with self._tail_mutex:
+                        self._rebuild()
         finally:
             lock.release()
         return {"segments_before": len(sealed), "segments_after": len(outputs),

@@ -98,6 +98,12 @@ class LogView:
         #: slow path).
         self._seen_seq = -1
         self._last_refresh = 0.0  # monotonic time of the last catch-up; as _seen_seq
+        #: Files the view holds values in were removed by a compaction: rebuild the view
+        #: at the next catch-up that does not hold the writer lock (a rebuild there would
+        #: hold every writer back), or after the write. Tail mutex.
+        self._let_go = False
+        #: Set while this store catches up under the writer lock; tail mutex.
+        self._under_writer_lock = False
 
     # --- tailing -------------------------------------------------------------------
 
@@ -173,6 +179,11 @@ class LogView:
                     reload = True
                 else:
                     if look.check is None or not self._changed(look.check):
+                        if self._let_go or self._files_removed():
+                            if not self._under_writer_lock:
+                                reload = True  # let go of them: rebuild from the new files
+                                continue
+                            self._let_go = True  # not while other writers wait: later
                         if batches:
                             self._apply(batches)
                         self._seen_seq = look.seq
@@ -189,6 +200,16 @@ class LogView:
                 return count, None
             look = self._reader_limit()
         raise Error(f"{self.path}: the shared state kept changing while reading the log")
+
+    def _files_removed(self) -> bool:
+        """Did the read just made list the log and find files the view holds values in
+        gone (a compaction removed them)? Maps and kept descriptors would hold their
+        space for ever: the view is rebuilt instead. Tail mutex held."""
+        listing = self._cursor.listing
+        if listing is None:
+            return False  # still in one segment: no compaction switch was passed
+        names = {os.path.join(folder, name) for name, folder in listing}
+        return any(vf.file not in names for vf in list(self._values.files.values()))
 
     def _reload(self, look: Look) -> int | None:
         """Rebuild the view from scratch: files the cursor needed were compacted away.
@@ -220,6 +241,7 @@ class LogView:
             self._cursor = cursor
             self._seen_seq = look.seq
             self._last_refresh = time.monotonic()
+            self._let_go = False
             return changed
         raise Error(f"{self.path}: could not read a stable set of segments (compaction loop?)")
 

@@ -535,3 +535,45 @@ def test_child_forked_while_a_thread_maps_a_file_does_not_hang(tmp_path, stalene
         assert s["k3"] == BIG + "child" and s["k1"] == BIG + "1"
     finally:
         s.close()
+
+
+def _deleted_maps(path: str) -> list[str]:
+    """Files of the store this process still maps or holds open after they were deleted:
+    disk space a compaction cannot give back while the process lives."""
+    held = [line.split(None, 5)[-1] for line in Path("/proc/self/maps").read_text().splitlines()]
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return sorted({h for h in held if h.startswith(path) and h.endswith("(deleted)")})
+
+
+@pytest.mark.parametrize("who", ["reader", "writer", "compacting-writer"])
+def test_segments_a_compaction_removed_are_let_go_once_the_view_moves_on(tmp_path, who):
+    """A process that read values before another (or it) compacted must not keep the
+    removed segments mapped for ever: compaction exists to give their space back."""
+    path = str(tmp_path / "s")
+    w = mpkv.Store(path, fsync="never", auto_compact=False, max_segment_bytes=60000)
+    r = mpkv.Store(path, readonly=True)
+    try:
+        for round_ in range(4):
+            w.update({f"k{i}": str(round_) * 1000 for i in range(40)})
+        store = r if who == "reader" else w
+        (w if who == "reader" else r).close()  # the other holds nothing of the log now
+        assert all(store[f"k{i}"] == "3" * 1000 for i in range(40))  # maps the segments
+        if who == "compacting-writer":
+            w.compact()
+        else:
+            assert in_child(lambda: mpkv.Store(path).compact()["segments_before"])[0] == "ok"
+        with mpkv.Store(path, fsync="never", max_segment_bytes=60000) as other:
+            other["after"] = "a" * 300
+        if store is w:
+            w["mine"] = "m" * 300  # catches up under the writer lock, then lets go
+        for _ in range(2):
+            assert all(store[f"k{i}"] == "3" * 1000 for i in range(40))
+            assert store["after"] == "a" * 300
+        assert _deleted_maps(path) == []
+    finally:
+        r.close()
+        w.close()
