@@ -641,6 +641,7 @@ class Store(LogView, StoreMapping):
             number = parse_name(sealed[-1])[0]  # type: ignore[index]
             outputs = compaction.write_outputs(self.path, self._codec, state,
                                                self.max_segment_bytes, number)
+            del state  # its keys and handles: not alive beside the view rebuilt below
             after = sum(o.size for o in outputs)
             with self._write_mutex:
                 self._still_open()
