@@ -516,6 +516,14 @@ class BinaryCodec(Codec):
                  base: int = 0) -> list[Op] | None:
         ops: list[Op] = []
         inline_max = refs.inline_max if refs is not None else -1
+        # Values left in the file, noted in ``refs`` in one call at the end (a record can
+        # hold thousands): the handle of the next is first + count.
+        first = refs.next_handle() if refs is not None else 0
+        offsets: list[int] = []
+        lengths: list[int] = []
+        crcs: list[int] = []
+        kinds = bytearray()
+        view, crc32 = memoryview(buf), zlib.crc32
         try:
             while pos < end:
                 op, klen, vlen = ENTRY.unpack_from(buf, pos)
@@ -523,11 +531,13 @@ class BinaryCodec(Codec):
                 key = buf[pos : pos + klen].decode("utf-8")
                 pos += klen
                 if 0 <= inline_max < vlen and op != OP_DELETE and pos + vlen <= end:
-                    assert refs is not None
                     if op not in (OP_PUT_STR, OP_PUT_BYTES):
                         return None
-                    ops.append((key, _handle(refs.add(base + pos, vlen, zlib.crc32(
-                        memoryview(buf)[pos : pos + vlen]), op))))
+                    ops.append((key, _handle(first + len(lengths))))
+                    offsets.append(base + pos)
+                    lengths.append(vlen)
+                    crcs.append(crc32(view[pos : pos + vlen]))
+                    kinds.append(op)
                     pos += vlen
                     continue
                 raw = buf[pos : pos + vlen]
@@ -544,6 +554,9 @@ class BinaryCodec(Codec):
                     ops.append((key, raw))
         except (struct.error, UnicodeDecodeError):
             return None
+        if lengths:  # only for a record that decoded whole: a bad one notes nothing
+            assert refs is not None
+            refs.extend(offsets, lengths, crcs, bytes(kinds))
         return ops
 
     def decode(self, buf: bytes, refs: Refs | None = None, base: int = 0) -> Decoded:

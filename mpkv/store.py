@@ -656,7 +656,8 @@ class Store(LogView, StoreMapping):
                 # may move it.
                 if self.max_staleness is not None:
                     with self._tail_mutex:
-                        self._rebuild()
+                        if self._holds_values_in(sealed):
+                            self._rebuild()
         finally:
             lock.release()
         return {"segments_before": len(sealed), "segments_after": len(outputs),

@@ -211,11 +211,18 @@ class LogView:
         names = {os.path.join(folder, name) for name, folder in listing}
         return any(vf.file not in names for vf in list(self._values.files.values()))
 
-    def _reload(self, look: Look) -> int | None:
+    def _holds_values_in(self, names: list[str]) -> bool:
+        """Does the view hold values in any of these segments of the log? Tail mutex held."""
+        files = {os.path.join(self.path, name) for name in names}
+        return any(vf.file in files for vf in list(self._values.files.values()))
+
+    def _reload(self, look: Look, count: bool = True) -> int | None:
         """Rebuild the view from scratch: files the cursor needed were compacted away.
         Only the view: watchers read the log with cursors of their own (watch.py), so
         none of them is fed the difference of two states in place of the changes.
-        None (nothing changed) when a writer published during an untrusted read."""
+        Returns how many keys changed (0 without ``count``: the caller has no use for
+        it, and it costs a comparison per key); None (nothing changed) when a writer
+        published during an untrusted read."""
         for _ in range(100):
             values = ValueFiles(keep=self.max_staleness is None)
             cursor = self._new_cursor(values)
@@ -231,9 +238,11 @@ class LogView:
             for batch in batches:
                 apply(view, batch)
             old, old_values = self._view, self._values
-            changed = sum(1 for k, v in view.items()
-                          if not self._same(old.get(k, MISSING), old_values, v, values))
-            changed += sum(1 for k in old if k not in view)
+            changed = 0
+            if count:
+                changed = sum(1 for k, v in view.items()
+                              if not self._same(old.get(k, MISSING), old_values, v, values))
+                changed += sum(1 for k in old if k not in view)
             self._values = values
             self._view = view  # one reference store: readers see the old or the new view
             old_values.close()
@@ -326,7 +335,7 @@ class LogView:
     def _rebuild(self) -> None:
         """Rebuild the view from the log's current files; tail mutex held."""
         for _ in range(100):
-            if self._reload(self._reader_limit()) is not None:
+            if self._reload(self._reader_limit(), count=False) is not None:
                 return
         raise Error(f"{self.path}: the shared state kept changing while reading the log")
 
