@@ -193,19 +193,16 @@ class TransactionMapping(CopyViews, MutableMapping[str, Any]):
 
     def _encoded_items(self) -> dict[str, Value]:
         self._live()
-        items = self._committed_items()
-        for key, value in self._writes.items():
-            if value is None:
-                items.pop(key, None)
-            else:
-                items[key] = value
-        return items
+        return self._with_writes(self._committed_items())
 
     def _key_items(self) -> dict[str, Any]:
         """The keys this block sees, in ``_encoded_items``' order; committed values are
         not read (True stands for them): iterating, counting and clearing read none."""
         self._live()
-        items: dict[str, Any] = dict.fromkeys(self._committed_keys(), True)
+        return self._with_writes(dict.fromkeys(self._committed_keys(), True))
+
+    def _with_writes(self, items: dict[str, Any]) -> dict[str, Any]:
+        """``items`` (a copy of the committed state) with this block's writes applied."""
         for key, value in self._writes.items():
             if value is None:
                 items.pop(key, None)
