@@ -90,9 +90,16 @@ class CompactionLock:
         self.path = path
         self.fd = -1
 
-    def acquire(self, wait: bool) -> bool:
-        """Take the lock; with ``wait=False`` give up at once (False) if it is held."""
-        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
+    def acquire(self, wait: bool, create: bool = True) -> bool:
+        """Take the lock; with ``wait=False`` give up at once (False) if it is held.
+        With ``create=False`` (a reader that must not write) False when the lock file
+        does not exist: then no compaction has ever run."""
+        try:
+            fd = open_regular(self.path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY)
+        except FileNotFoundError:
+            if create:
+                raise
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

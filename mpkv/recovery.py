@@ -397,13 +397,23 @@ def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
     ``progress`` wraps the list of segment names (for a progress bar)."""
     path = os.fspath(path)
     meta = _meta(path)
-    for _ in range(_ATTEMPTS):
+    for attempt in range(_ATTEMPTS):
+        # After a first read that a compaction upset, hold compactions off (when one
+        # ever ran: the lock file exists) so that the next read is stable.
+        lock = CompactionLock(os.path.join(path, AUX, COMPACT_LOCK))
+        held = attempt > 0 and lock.acquire(True, create=False)
         try:
             report, names = _examine(path, meta, False, progress)
         except FileNotFoundError:  # a compaction removed a file being read
             continue
-        if _list(path) == names:  # no compaction switched files meanwhile
-            return report
+        else:
+            # No compaction switched files meanwhile: every segment read is still there
+            # (a writer may have started new ones: they were not part of this read).
+            if set(names) <= set(_list(path)):
+                return report
+        finally:
+            if held:
+                lock.release()
     raise Error(f"{path}: the segments changed under every one of {_ATTEMPTS} attempts to "
                 "verify them (compactions running back to back?); try again")
 

@@ -10,12 +10,15 @@ so no other file can be taken for a segment. See docs/format.md and docs/protoco
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import os
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import hints
 from .codec import (
@@ -30,6 +33,7 @@ from .codec import (
     Decoded,
     Op,
     Puts,
+    apply,
     codec_for,
     ops_of,
 )
@@ -740,17 +744,21 @@ class Cursor:
                     raise NeedReload
             self._listing, fresh = None, True
 
-    def read(self, limit: Limit | None, starts: list[Start] | None = None
-             ) -> tuple[list[Batch], int | None]:
+    def read(self, limit: Limit | None, starts: list[Start] | None = None,
+             apply_to: dict[str, Any] | None = None) -> tuple[list[Batch], int | None]:
         """Decode what follows the cursor, up to ``limit``; return the complete atomic
         units and, when the log ends in a torn record or an unfinished unit, the offset
         (in the cursor's segment) where the torn part starts. ``starts`` (when given)
-        receives where each returned unit starts, for positions.
+        receives where each returned unit starts, for positions. With ``apply_to``,
+        each complete unit is applied to that state as soon as it is read, and none is
+        returned: reading a whole log into a new view never holds all its records.
 
         A unit may span segments; until its last record is read the cursor stays at its
         start, so an unfinished unit is read again, whole, next time."""
         self._listing = None  # a new tail step lists the directory (at most) once
         batches: list[Batch] = []
+        emit: Callable[[Batch], None] = (batches.append if apply_to is None
+                                         else functools.partial(apply, apply_to))
         pending: list[Op] = []  # ops of a unit whose last record is not read yet
         mark = (self.name, self.folder, self.offset, self.units)  # where that unit starts
         inside = False  # the last record read continues its unit
@@ -778,7 +786,7 @@ class Cursor:
             if last and limit is not None and limit[1] is not None:
                 size = min(size, limit[1])
             want = _CHUNK
-            hinted = not pending and self._from_hint(size, batches, starts)
+            hinted = not pending and self._from_hint(size, emit, starts)
             if hinted:
                 start, data, dec = size, b"", Decoded(stop=0)
                 mark = (self.name, self.folder, self.offset, self.units)
@@ -796,7 +804,7 @@ class Cursor:
                         pending += ops_of(ops)
                     else:
                         batch = pending + ops_of(ops) if pending else ops
-                        batches.append(batch)
+                        emit(batch)
                         pending = []
                         if starts is not None:
                             starts.append(begun)
@@ -834,7 +842,7 @@ class Cursor:
                 return batches, (self.offset if torn else None)
             self._enter(*nxt)
 
-    def _from_hint(self, size: int, batches: list[Batch], starts: list[Start] | None
+    def _from_hint(self, size: int, emit: Callable[[Batch], None], starts: list[Start] | None
                    ) -> bool:
         """Read the whole current segment from its hint (hints.py) when it is a
         compaction output entered at its start, the view keeps values in the files,
@@ -846,7 +854,7 @@ class Cursor:
                             self.max_bytes, self.only)
         if loaded is None:
             return False
-        batches.append(loaded[0])
+        emit(loaded[0])
         if starts is not None:
             starts.append((self.number, self.part, 0))
         self.offset, self.units = size, loaded[1]

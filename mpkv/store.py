@@ -181,8 +181,8 @@ class Store(LogView, StoreMapping):
         #: ``_writer.sealed_bytes`` at which to check for garbage next; as ``_compactor``.
         self._next_check = AUTO_COMPACT_MIN_BYTES
         try:
-            with self._tail_mutex:
-                self._catch_up(self._open_limit())
+            with self._tail_mutex:  # the view is built whole: it is read as a rebuild
+                self._rebuild(self._open_limit())
         except BaseException:
             self._close_files()
             raise

@@ -226,17 +226,17 @@ class LogView:
         for _ in range(100):
             values = ValueFiles(keep=self.max_staleness is None)
             cursor = self._new_cursor(values)
+            # Units are applied as they are read: no one sees this view before the swap
+            # below, and a read that fails or does not count leaves it unused.
+            view: dict[str, Value | int] = {}
             try:
-                batches, _ = cursor.read(look.limit)
+                cursor.read(look.limit, apply_to=view)
             except NeedReload:
                 cursor.close()
                 continue
             if look.check is not None and self._changed(look.check):
                 cursor.close()
                 return None
-            view: dict[str, Value | int] = {}
-            for batch in batches:
-                apply(view, batch)
             old, old_values = self._view, self._values
             changed = 0
             if count:
@@ -332,11 +332,13 @@ class LogView:
         raise Error(f"{self.path}: the value of {key!r} could not be read: its segment "
                     "keeps being replaced")
 
-    def _rebuild(self) -> None:
-        """Rebuild the view from the log's current files; tail mutex held."""
+    def _rebuild(self, look: Look | None = None) -> None:
+        """Rebuild the view from the log's current files (up to ``look``, first); tail
+        mutex held."""
         for _ in range(100):
-            if self._reload(self._reader_limit(), count=False) is not None:
+            if self._reload(look or self._reader_limit(), count=False) is not None:
                 return
+            look = None
         raise Error(f"{self.path}: the shared state kept changing while reading the log")
 
     def _encoded(self, key: str) -> Any:

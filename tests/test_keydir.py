@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import tracemalloc
 
 import pytest
 
@@ -313,3 +314,20 @@ def test_values_read_on_a_file_system_that_cannot_map_files(tmp_path, monkeypatc
         _flip_in_value(path, value)
         with pytest.raises(CorruptionError):
             r["k5"]
+
+
+def test_open_never_holds_every_record_of_the_log_at_once(tmp_path):
+    path = str(tmp_path / "s")
+    with mpkv.Store(path, fsync="never", auto_compact=False) as s:
+        for r in range(300):  # 300,000 puts of 100-byte values over 1,000 keys: 37 MB
+            s.update({f"k{i}": f"{r:03d}{i:05d}" + "v" * 92 for i in range(1000)})
+    tracemalloc.start()
+    try:
+        with mpkv.Store(path, readonly=True) as r:
+            _, peak = tracemalloc.get_traced_memory()
+            assert len(r) == 1000 and r["k7"] == "29900007" + "v" * 92
+    finally:
+        tracemalloc.stop()
+    # Before: every unit of the log decoded into one list, then applied (about 78 MB);
+    # now about one 4 MiB chunk's units at a time (about 22 MB).
+    assert peak < 40 << 20, f"opening took {peak >> 20} MB"
