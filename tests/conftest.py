@@ -9,10 +9,12 @@ import pickle
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import traceback
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -445,3 +447,23 @@ def flip_byte(file: str | os.PathLike[str], offset: int) -> None:
         assert len(byte) == 1, (file, offset)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 1]))
+
+
+# ============================================================================
+# A writer in another process while this one observes
+# ============================================================================
+
+
+@contextmanager
+def writer_process(path: str | os.PathLike[str], body: str, timeout: float = 60
+                   ) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process that runs ``body`` (lines of code using ``s``, the store at
+    ``path`` opened with the defaults) while the caller's block observes the store; the
+    block's end waits for the child, which must exit 0."""
+    code = "import mpkv,sys\ns=mpkv.Store(sys.argv[1])\n" + body + "s.close()\n"
+    proc = subprocess.Popen([sys.executable, "-c", code, os.fspath(path)])
+    try:
+        yield proc
+    finally:
+        proc.wait(timeout=timeout)
+    assert proc.returncode == 0

@@ -19,6 +19,7 @@ import pytest
 
 import mpkv
 from mpkv.scenarios import multi_file_restart, single_file_restart
+from tests.conftest import writer_process
 
 # --- helpers -----------------------------------------------------------------------
 
@@ -409,13 +410,9 @@ def test_iteration_is_point_in_time_under_concurrent_writes(tmp_path: Path) -> N
     with mpkv.Store(p) as s:
         for i in range(200):
             s[f"k{i:03d}"] = "v"
-        proc = subprocess.Popen([sys.executable, "-c", (
-            "import mpkv,sys\n"
-            "s=mpkv.Store(sys.argv[1])\n"
-            "for i in range(300):\n"
-            "    s[f'n{i:03d}']='x'; s.delete(f'k{i % 200:03d}')\n"
-            "s.close()\n"), str(p)])
-        try:
+        with writer_process(p, "for i in range(300):\n"
+                               "    s[f'n{i:03d}']='x'; s.delete(f'k{i % 200:03d}')\n",
+                            timeout=30) as proc:
             seen_lens = []
             while proc.poll() is None:
                 keys = list(s)
@@ -425,9 +422,6 @@ def test_iteration_is_point_in_time_under_concurrent_writes(tmp_path: Path) -> N
                 seen_lens.append(len(keys))
                 for _k in s:
                     pass
-        finally:
-            proc.wait(timeout=30)
-        assert proc.returncode == 0
 
 
 # --- incr and atomic helpers -------------------------------------------------------
@@ -563,19 +557,12 @@ def test_clear_is_atomic_for_a_concurrent_reader(tmp_path: Path) -> None:
     p = tmp_path / "s"
     with mpkv.Store(p) as s:
         s.update({f"k{i}": "v" for i in range(100)})
-        proc = subprocess.Popen([sys.executable, "-c", (
-            "import mpkv,sys\n"
-            "s=mpkv.Store(sys.argv[1])\n"
-            "for i in range(20):\n"
-            "    s.clear(); s.update({f'k{i}':'v' for i in range(100)})\n"
-            "s.close()\n"), str(p)])
-        try:
+        with writer_process(p, "for i in range(20):\n"
+                               "    s.clear(); s.update({f'k{i}':'v' for i in range(100)})\n"
+                            ) as proc:
             while proc.poll() is None:
                 assert len(s) in (0, 100)
                 assert len(list(s.items())) in (0, 100)
-        finally:
-            proc.wait(timeout=60)
-        assert proc.returncode == 0
 
 
 # --- transactions ------------------------------------------------------------------
