@@ -23,7 +23,7 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import compress, repeat
 from operator import itemgetter
@@ -325,24 +325,11 @@ def _filtered(hint: Hint, only: str) -> Hint:
     try:
         i = hint.keys.index(only)
     except ValueError:
-        return _empty(hint)
-    kind = hint.kinds[i]
-    inline_str, inline_bytes = hint.kinds.count(INLINE_STR, 0, i), hint.kinds.count(
-        INLINE_BYTES, 0, i)
-    j = i - inline_str - inline_bytes
-    in_file = kind in (FILE_STR, FILE_BYTES)
-    return Hint(hint.inline_max, hint.number, hint.part, hint.size, hint.ino, hint.mtime_ns,
-                hint.units, [only], bytes([kind]),
-                hint.strs[inline_str : inline_str + 1] if kind == INLINE_STR else [],
-                hint.raws[inline_bytes : inline_bytes + 1] if kind == INLINE_BYTES else [],
-                hint.offsets[j : j + 1] if in_file else array("Q"),
-                hint.lengths[j : j + 1] if in_file else array("I"),
-                hint.crcs[j : j + 1] if in_file else array("I"))
-
-
-def _empty(hint: Hint) -> Hint:
-    return Hint(hint.inline_max, hint.number, hint.part, hint.size, hint.ino, hint.mtime_ns,
-                hint.units, [], b"", [], [], array("Q"), array("I"), array("I"))
+        i = -1
+    head = (hint.inline_max, hint.number, hint.part, hint.size, hint.ino, hint.mtime_ns,
+            hint.units)
+    return _entry(head, only, i, hint.kinds, hint.strs.__getitem__, hint.raws.__getitem__,
+                  hint.offsets, hint.lengths, hint.crcs)
 
 
 def _one(only: str, ktext: str, kinds: bytes, slens: array[int], blens: array[int],
@@ -352,32 +339,43 @@ def _one(only: str, ktext: str, kinds: bytes, slens: array[int], blens: array[in
     """The entry of key ``only`` in a hint whose keys ``ktext`` holds joined by U+0000,
     found with C-level searches and counts: no object per key. ``stext`` is the str
     values, or their bytes when those are ASCII."""
-    empty = Hint(*head, [], b"", [], [], array("Q"), array("I"), array("I"))
-    if "\0" in only or not kinds:  # no keys: the padded blob "\0\0" is no empty key
-        return empty
-    at = ("\0" + ktext + "\0").find("\0" + only + "\0")
-    if at < 0:
-        return empty
-    i = ktext.count("\0", 0, at)
+    i = -1
+    if "\0" not in only and kinds:  # no keys: the padded blob "\0\0" is no empty key
+        at = ("\0" + ktext + "\0").find("\0" + only + "\0")
+        i = ktext.count("\0", 0, at) if at >= 0 else -1
+
+    def str_at(n: int) -> str:
+        start = sum(slens[:n])
+        piece = stext[start : start + slens[n]]
+        return piece if isinstance(piece, str) else str(piece, "utf-8")
+
+    def raw_at(n: int) -> bytes:
+        start = sum(blens[:n])
+        return bytes(bblob[start : start + blens[n]])
+
+    try:
+        return _entry(head, only, i, kinds, str_at, raw_at, offsets, lengths, crcs)
+    except UnicodeDecodeError:
+        return "keys or values are not UTF-8"
+
+
+def _entry(head: tuple[int, int, int, int, int, int, int], key: str, i: int, kinds: bytes,
+           str_at: Callable[[int], str], raw_at: Callable[[int], bytes],
+           offsets: array[int], lengths: array[int], crcs: array[int]) -> Hint:
+    """A hint holding entry ``i`` (of key ``key``) alone, or none when ``i`` is -1.
+    ``str_at(n)`` and ``raw_at(n)`` give the n-th inline str and bytes value."""
+    if i < 0:
+        return Hint(*head, [], b"", [], [], array("Q"), array("I"), array("I"))
     kind = kinds[i]
     nstr, nraw = kinds.count(INLINE_STR, 0, i), kinds.count(INLINE_BYTES, 0, i)
-    j = i - nstr - nraw
-    strs: list[str] = []
-    raws: list[bytes] = []
-    in_file = (array("Q"), array("I"), array("I"))
-    if kind == INLINE_STR:
-        start = sum(slens[:nstr])
-        piece = stext[start : start + slens[nstr]]
-        try:
-            strs = [piece if isinstance(piece, str) else str(piece, "utf-8")]
-        except UnicodeDecodeError:
-            return "keys or values are not UTF-8"
-    elif kind == INLINE_BYTES:
-        start = sum(blens[:nraw])
-        raws = [bytes(bblob[start : start + blens[nraw]])]
-    else:
-        in_file = (offsets[j : j + 1], lengths[j : j + 1], crcs[j : j + 1])
-    return Hint(*head, [only], bytes([kind]), strs, raws, *in_file)
+    j = i - nstr - nraw  # its index among the values in the output
+    in_file = kind in (FILE_STR, FILE_BYTES)
+    return Hint(*head, [key], bytes([kind]),
+                [str_at(nstr)] if kind == INLINE_STR else [],
+                [raw_at(nraw)] if kind == INLINE_BYTES else [],
+                offsets[j : j + 1] if in_file else array("Q"),
+                lengths[j : j + 1] if in_file else array("I"),
+                crcs[j : j + 1] if in_file else array("I"))
 
 
 def read(path: str, name: str, number: int, part: int, fd: int,
