@@ -70,7 +70,7 @@ class Server:
                  str(self.dir), "--save", "", "--appendonly", "no", *self.options,
                  "--logfile", str(self.dir / "redis.log")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60  # generous: the machine may be loaded
             while time.monotonic() < deadline and self.proc.poll() is None:
                 try:
                     if redis.Redis(host=HOST, port=self.port, socket_timeout=1).ping():
