@@ -905,7 +905,8 @@ class RedisStore(StoreMapping):
                   timeout: float | None) -> Iterator[Change]:
         last = start
         idle_since = time.monotonic()
-        while not self.closed:
+        while True:
+            self._check()  # iterating after close is a use after close, not the end
             left = None if timeout is None else timeout - (time.monotonic() - idle_since)
             block = None if left is not None and left <= 0 else \
                 max(1, int(1000 * min(1.0 if left is None else left, 1.0)))
@@ -914,8 +915,7 @@ class RedisStore(StoreMapping):
                 reply = self._run("XREAD", "COUNT", 1000, *blocking, "STREAMS", self._log,
                                   f"{last[0]}-{last[1]}")
             except redis.RedisError as exc:
-                if self.closed:
-                    return
+                self._check()  # closed meanwhile: ClosedError, not a connection error
                 raise self._fail(exc, "watch") from None
             entries = reply[0][1] if reply else []
             for entry_id, fields in entries:

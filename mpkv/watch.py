@@ -23,10 +23,10 @@ import weakref
 from collections import deque
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .codec import ops_of
-from .errors import CompactedError, Error
+from .errors import ClosedError, CompactedError, Error
 from .segments import (
     AUX,
     RETAINED,
@@ -299,6 +299,8 @@ class LogWatcher(Iterator[Change]):
     def __next__(self) -> Change:
         if self._buffer:
             return self._buffer.popleft()
+        if self._store._epoch == -1:
+            self._store_gone()
         if self._closed:
             raise StopIteration
         if os.getpid() != self._pid:
@@ -309,8 +311,7 @@ class LogWatcher(Iterator[Change]):
         pause = 0.0005
         while True:
             if store._epoch == -1:
-                self.close()
-                raise StopIteration
+                self._store_gone()
             shm = store._shm
             if self._pending is not None or shm.seq != self._seen_seq or not shm.backed:
                 more = self._read()
@@ -409,6 +410,12 @@ class LogWatcher(Iterator[Change]):
         self._closed = True
         self._buffer.clear()
         self._finalizer()
+
+    def _store_gone(self) -> NoReturn:
+        """Iterating a watcher whose store was closed is a use after close: it raises
+        (ending quietly would look like a log with no more changes)."""
+        self.close()
+        raise ClosedError(f"{self._store.path}: store is closed")
 
     def _store_closed(self) -> None:
         """The store is closing: drop the registration now; descriptors go when this

@@ -387,6 +387,14 @@ def test_closed_error(opener: Opener) -> None:
             use()
 
 
+
+def test_watcher_iterated_after_close_raises_closed_error(opener: Opener) -> None:
+    s = opener()
+    changes = s.watch(timeout=5)
+    s.close()
+    with pytest.raises(mpkv.ClosedError):
+        next(changes)
+
 def test_readonly(opener: Opener, tmp_path: Path) -> None:
     s = opener()
     s["k"] = "v"

@@ -292,3 +292,14 @@ def test_watch_on_closed_store_raises(tmp_path: Path) -> None:
     s.close()
     with pytest.raises(mpkv.ClosedError):
         s.watch(timeout=0.1)
+
+
+def test_watcher_iterated_after_its_store_closed_raises_closed_error(tmp_path: Path) -> None:
+    # "Any use after close raises mpkv.ClosedError": a watcher whose store was closed
+    # must not end as if no change came (a consumer would take that for a quiet log).
+    s = mpkv.Store(tmp_path / "s")
+    changes = s.watch(timeout=5)
+    s.put("a", "1")
+    s.close()
+    with pytest.raises(mpkv.ClosedError):
+        next(changes)
