@@ -61,13 +61,56 @@ _OPEN_MAX = 16
 
 class State(NamedTuple):
     """The live state of sealed segments: each key's value, or the handle (an int) of a
-    value of more than ``LEAVE_OVER`` encoded bytes left in its input segment and read
-    back through ``files`` (keydir.py) when it is written out. The Python objects per
-    key (the key, a small value or a handle, a dict slot) and 17 bytes of ``files``
-    per value read are what compaction holds: not the values."""
+    value left in its input segment and read back through ``files`` (keydir.py) when it
+    is written out: more than ``LEAVE_OVER`` encoded bytes when ``replay`` built it,
+    more than the view's ``INLINE_MAX`` when it is a store's view (``from_view``). The
+    Python objects per key (the key, a small value or a handle, a dict slot) and 17
+    bytes of ``files`` per value read are what compaction holds: not the values."""
 
     view: dict[str, Value | int]
     files: ValueFiles
+
+
+class Taken(NamedTuple):
+    """A store's view as the compaction sealed the active segment (store.py takes it
+    under the tail mutex, right after catching up with the log and sealing under the
+    writer lock): then the view holds exactly the state of the sealed segments, since
+    every later write goes to the new active segment."""
+
+    #: A copy of the view (a C-level copy: the keys and values are the view's own
+    #: objects, the handles ints into ``values``).
+    view: dict[str, Value | int]
+    #: The view's value files then: the view may replace its own later (a rebuild),
+    #: and the handles of ``view`` keep their meaning in this one.
+    values: ValueFiles
+    #: The files ``values`` held values of then.
+    files: list[str]
+    #: The position of the last unit the view had applied (``Cursor.position``).
+    position: UnitPos
+
+
+def from_view(path: str, taken: Taken, inputs: list[str]) -> tuple[State, UnitPos] | None:
+    """The state of sealed segments ``inputs`` from a store's view taken at the seal
+    (``Taken``), and their horizon as ``replay`` computes it; None when the view
+    cannot serve: its handles may point into files that are not among the inputs
+    (segments an earlier compaction removed while the view still held values in
+    them), which nothing keeps in place. Nothing is read: the values the view holds
+    are the encoded values of the log, and those it left in the inputs are read back
+    by ``write_outputs`` (CRC-checked, as for ``replay``).
+
+    The view's last unit is the inputs' last unit, unless the view never entered the
+    outputs of the compaction before (it read the segments they replaced): then the
+    inputs begin with those outputs and no unit follows them, and the horizon is
+    where the outputs end, as for a reader that entered them (``Cursor._enter``)."""
+    files = {os.path.join(path, name) for name in inputs}
+    if not all(file in files for file in taken.files):
+        return None
+    horizon = taken.position
+    for name in inputs:
+        number, part = parse_name(name)  # type: ignore[misc]
+        if part:
+            horizon = max(horizon, (number + 1, 0, 0))
+    return State(taken.view, taken.values), horizon
 
 
 def replay(path: str, codec: Codec, names: Iterable[str],

@@ -607,37 +607,44 @@ class Store(LogView, StoreMapping):
 
         Writers wait only while the active segment is sealed and while the outputs are
         renamed into place; the rewriting itself runs without the writer lock.
-        ``progress`` wraps the list of segments being read (for a progress bar)."""
+        ``progress`` wraps the list of sealed segments when they are read (for a
+        progress bar): only when this store's view cannot give their state
+        (docs/compaction.md)."""
         self._writable()
         return self._compact(True, progress)
 
     def _compact(self, wait: bool, progress: Callable[[list[str]], Iterable[str]] | None = None
                  ) -> dict[str, int]:
         """``wait=False`` (auto-compaction): give up at once if another one runs."""
+        assert self._only_key is None, "a view of one key is not the state to compact"
         lock = CompactionLock(os.path.join(self.path, AUX, COMPACT_LOCK))
         if not lock.acquire(wait):
             return {}
         try:
             compaction.tidy(self.path, self._dirlock)
-            with self._write_mutex:
-                self._still_open()
-                self._lock()
-                try:
-                    with self._tail_mutex:
-                        self._sync_with_log()
-                        if self._cursor.name is not None:  # seal, even if empty: a new b
-                            self._seen_seq = self._writer.seal(self._cursor)
-                        active = self._cursor.name
-                finally:
-                    self._unlock()
-            sealed = [n for n in list_log(self.path) if active is None or n < active]
+            if self._let_go and self.max_staleness is not None:
+                # The view holds values in files a compaction removed: move it to the
+                # new files now, not under the writer lock, so that it can serve below.
+                with self._tail_mutex:
+                    if self._let_go:
+                        self._rebuild()
+            taken = self._seal()
+            sealed = [n for n in list_log(self.path) if taken is None or n < taken[0]]
             before = sum(os.path.getsize(os.path.join(self.path, n)) for n in sealed)
             if not sealed:
                 return {"segments_before": 0, "segments_after": 0, "bytes_before": 0,
                         "bytes_after": 0}
-            horizon: list[UnitPos] = []
-            state = compaction.replay(self.path, self._codec,
-                                      progress(sealed) if progress else sealed, horizon)
+            served = None if taken is None else compaction.from_view(self.path, taken[1],
+                                                                      sealed)
+            del taken  # the copy of the view lives on in ``state`` alone, if at all
+            if served is not None:
+                state, horizon = served
+                del served
+            else:  # the view cannot serve: replay the inputs
+                last: list[UnitPos] = []
+                state = compaction.replay(self.path, self._codec,
+                                          progress(sealed) if progress else sealed, last)
+                horizon = last[0]
             number = parse_name(sealed[-1])[0]  # type: ignore[index]
             outputs = compaction.write_outputs(self.path, self._codec, state,
                                                self.max_segment_bytes, number)
@@ -648,7 +655,7 @@ class Store(LogView, StoreMapping):
                 self._lock()
                 try:
                     compaction.switch(self.path, outputs, number, sealed,
-                                      self._dirlock, horizon[0])
+                                      self._dirlock, horizon)
                 finally:
                     self._unlock()
                 # Let go of the inputs (maps, kept descriptors): the view moves to the
@@ -662,6 +669,35 @@ class Store(LogView, StoreMapping):
             lock.release()
         return {"segments_before": len(sealed), "segments_after": len(outputs),
                 "bytes_before": before, "bytes_after": after}
+
+    def _seal(self) -> tuple[str, compaction.Taken] | None:
+        """Catch up and seal the active segment (even if empty: each compaction gets a
+        new b), then copy the view, which holds exactly the state of every segment
+        before the new active one: its name and the view taken (``compaction.Taken``).
+        None when the log has no segment yet.
+
+        The copy is made under the tail mutex alone: nothing changes the view without
+        it, while writers of other processes go on in the new active segment."""
+        with self._write_mutex:
+            self._still_open()
+            self._lock()
+            locked = True
+            try:
+                with self._tail_mutex:
+                    self._sync_with_log()
+                    if self._cursor.name is None:
+                        return None
+                    self._seen_seq = self._writer.seal(self._cursor)
+                    self._unlock()
+                    locked = False
+                    values = self._values
+                    taken = compaction.Taken(dict(self._view), values,
+                                             [vf.file for vf in list(values.files.values())],
+                                             self._cursor.position)
+                    return self._cursor.name, taken
+            finally:
+                if locked:
+                    self._unlock()
 
     def watch(self, prefix: str = "", *, since: str | None = None,
               timeout: float | None = None) -> LogWatcher:

@@ -127,14 +127,18 @@ def _value_offset(path: str, marker: bytes) -> tuple[str, int]:
     return found
 
 
-@pytest.mark.parametrize("when", ["before-replay", "after-replay"])
+@pytest.mark.parametrize(("way", "when"), [("view", "before-write"),
+                                           ("replay", "before-replay"),
+                                           ("replay", "before-write")])
 @pytest.mark.parametrize("fmt", ["binary", "text"])
 def test_damaged_input_value_fails_compaction_and_leaves_every_file(
-        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, fmt: str, when: str) -> None:
-    """One byte of a live large value flipped in a sealed segment (nothing else fixed):
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, fmt: str, way: str, when: str) -> None:
+    """One byte of a live large value flipped in a sealed segment (nothing else fixed),
+    after the store's view read it. Compaction takes the state from the view (``view``)
+    or, where the view cannot serve, replays the inputs (``replay``): the flip comes
     before the replay (binary: the record's checksum catches it; text has none) or
-    between the replay and the writing of the outputs, when the value is read back (its
-    CRC-32 taken at replay catches it, in both formats). Compaction raises
+    before the outputs are written, when the value is read back (the CRC-32 the view
+    or the replay took catches it, in both formats). Compaction raises
     CorruptionError naming the file, and leaves the directory as it found it: no
     output, no temporary file, no hint, every input intact."""
     if fmt == "text" and when == "before-replay":
@@ -159,21 +163,26 @@ def test_damaged_input_value_fails_compaction_and_leaves_every_file(
         snapshot.append(dir_state(path))
 
     real_replay, real_write = compaction.replay, compaction.write_outputs
+    replayed: list[bool] = []
 
     def replay(*args: Any, **kwargs: Any) -> Any:
+        replayed.append(True)
         if when == "before-replay":
             damage()
         return real_replay(*args, **kwargs)
 
     def write_outputs(*args: Any, **kwargs: Any) -> Any:
-        if when == "after-replay":
+        if when == "before-write":
             damage()
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(compaction, "replay", replay)
     monkeypatch.setattr(compaction, "write_outputs", write_outputs)
+    if way == "replay":
+        monkeypatch.setattr(compaction, "from_view", lambda *args: None)
     with pytest.raises(mpkv.CorruptionError) as err:
         s.compact()
+    assert replayed == ([True] if way == "replay" else [])
     assert file in str(err.value)
     assert dir_state(path) == snapshot[0]
     s.close()

@@ -887,3 +887,11 @@ def test_redis_watch_since_a_trimmed_position_raises_compacted_error(
     with pytest.raises(mpkv.CompactedError):
         next(iter(s.watch(since=old, timeout=0)))
     assert list(s.watch(since=s.position(), timeout=0)) == []
+
+
+def test_update_takes_a_key_named_self_as_a_keyword(opener: Opener) -> None:
+    s = opener()
+    s.update(self="1")
+    with s.transaction() as tx:
+        tx.update(self="2")
+    assert dict(s) == {"self": "2"}
