@@ -39,6 +39,24 @@ from contextlib import contextmanager
 from .errors import LockTimeout
 from .files import open_regular
 
+#: Writer locks this process holds: lock file (st_dev, st_ino) -> (ident of the thread,
+#: the WriterLock holding it). Written under ``_held_mutex``; read without it (an entry
+#: naming the reading thread can only have been written by that thread). A thread that
+#: holds a store's writer lock through one Store asks for it through another: waiting
+#: would never end, so it fails at once instead.
+_held: dict[tuple[int, int], tuple[int, WriterLock]] = {}
+_held_mutex = threading.Lock()
+
+
+def _forget_held() -> None:
+    """In a forked child: the parent's locks are not this process's."""
+    global _held_mutex
+    _held_mutex = threading.Lock()
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_held)
+
 
 def _flock_within(fd: int, path: str, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -63,19 +81,33 @@ class WriterLock:
         self.path = path
         self.timeout = timeout
         self.fd = open_regular(path, os.O_RDWR | os.O_CREAT)
+        st = os.fstat(self.fd)
+        self.key = (st.st_dev, st.st_ino)
         self.depth = 0
 
     def acquire(self) -> None:
         if self.depth == 0:
+            me = threading.get_ident()
+            holder = _held.get(self.key)
+            if holder is not None and holder[0] == me and holder[1] is not self:
+                raise LockTimeout(f"{self.path}: writer lock not acquired: this thread "
+                                  "already holds it through another Store object (an open "
+                                  "transaction), so waiting would never end; write through "
+                                  "that transaction")
             if self.timeout is None:
                 fcntl.flock(self.fd, fcntl.LOCK_EX)
             else:
                 _flock_within(self.fd, self.path, "writer lock", self.timeout)
+            with _held_mutex:
+                _held[self.key] = (me, self)
         self.depth += 1
 
     def release(self) -> None:
         self.depth -= 1
         if self.depth == 0:
+            with _held_mutex:
+                if _held.get(self.key, (0, None))[1] is self:
+                    del _held[self.key]
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def close(self) -> None:

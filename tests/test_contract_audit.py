@@ -3,6 +3,8 @@ the code disagreed with a sentence of it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,3 +21,29 @@ def test_update_takes_any_str_key_as_a_keyword(tmp_path: Path, name: str) -> Non
         with s.transaction() as tx:
             tx.update(**{name: "3"})
         assert dict(s) == {"a": "1", name: "3"}
+
+
+def test_a_second_handle_writing_inside_a_first_handles_transaction_does_not_hang(
+        tmp_path: Path) -> None:
+    # Two Store objects of one path on one thread: the second waited for the writer lock
+    # the first's open transaction holds, for ever. It must give up at once instead.
+    code = f"""
+import mpkv
+a, b = mpkv.Store({str(tmp_path / "s")!r}), mpkv.Store({str(tmp_path / "s")!r})
+with a.transaction() as tx:
+    tx["x"] = "1"
+    for write in (lambda: b.put("y", "2"), lambda: b.transaction().__enter__(),
+                  lambda: b.compact(), lambda: b.incr("n")):
+        try:
+            write()
+        except mpkv.LockTimeout as exc:
+            assert "another Store object" in str(exc), exc
+        else:
+            raise AssertionError("a write through the second handle went through")
+b.put("y", "2")  # once the block is over, the second handle writes as usual
+print(sorted(b.items()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[('x', '1'), ('y', '2')]"
