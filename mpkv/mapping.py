@@ -265,7 +265,7 @@ class TransactionMapping(CopyViews, MutableMapping[str, Any]):
     def __len__(self) -> int:
         return len(self._key_items())
 
-    def update(self, *args: Any, **kwargs: Any) -> None:
+    def update(self, /, *args: Any, **kwargs: Any) -> None:
         """Like ``dict.update``; every value is checked before any is buffered."""
         self._live()
         encoded = [(k, self._encode(k, v)) for k, v in update_pairs(args, kwargs)]
@@ -398,7 +398,7 @@ class StoreMapping(CopyViews, MutableMapping[str, Any]):
         _check_delta(delta)
         return self._atomically(lambda tx: tx.incr(key, delta))  # type: ignore[no-any-return]
 
-    def update(self, *args: Any, **kwargs: Any) -> None:
+    def update(self, /, *args: Any, **kwargs: Any) -> None:
         """Like ``dict.update``, committed as one atomic unit (all or nothing)."""
         pairs = update_pairs(args, kwargs)
         if pairs:

@@ -10,6 +10,7 @@ into the files it rewrites.
 from __future__ import annotations
 
 import os
+import stat
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -238,8 +239,9 @@ def _check_hints(path: str, meta: Meta, log: list[str], fix: bool, report: Repor
     """Check the hints of the log's compaction outputs (hints.py). One that fails its
     own checks, or that is bound to its output but disagrees with the output's records,
     is damage; one bound to another file (the output was rewritten or copied) is only
-    stale: readers ignore both. With ``fix``, both are removed. Hints of files that are
-    not in the log are left to the next compaction (readers never look at them)."""
+    stale: readers ignore both. With ``fix``, a damaged one is moved into the quarantine
+    (repair never deletes damaged bytes) and a stale one removed. Hints of files that
+    are not in the log are left to the next compaction (readers never look at them)."""
     for name in hints.names(path):
         if name not in log or not parse_name(name)[1]:  # type: ignore[index]
             continue
@@ -262,12 +264,16 @@ def _check_hints(path: str, meta: Meta, log: list[str], fix: bool, report: Repor
             continue
         if stale:
             report.notes.append(f"{file}: stale hint, ignored: {problem}")
-        else:
-            size = os.lstat(file).st_size
-            report.damage.append(Damage(file, 0, size, f"hint of {name}: {problem}"))
+            if fix:  # a cache of another file, not damage: nothing to keep
+                hints.remove(path, [name])
+                report.actions.append(f"removed {file}")
+            continue
+        size = os.lstat(file).st_size
+        report.damage.append(Damage(file, 0, size, f"hint of {name}: {problem}"))
         if fix:
-            hints.remove(path, [name])
-            report.actions.append(f"removed {file}")
+            moved = _move_aside(path, file, f"hint-{name}")
+            report.quarantined.append(moved)
+            report.actions.append(f"moved {file} aside to {moved}")
 
 
 def _hint_disagrees(codec: Codec, fd: int, hint: hints.Hint, max_bytes: int) -> str:
@@ -441,6 +447,33 @@ def repair(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
 def _quarantine(path: str, name: str, data: bytes, damage: list[Damage]) -> list[str]:
     return [_save(path, f"{name}.{d.offset}", data[d.offset : d.offset + d.length])
             for d in damage]
+
+
+def _move_aside(path: str, file: str, name: str) -> str:
+    """Move ``file``, whatever it is (a huge file, a link, a FIFO, a folder), into
+    ``.mpkv/quarantine/NAME.bad`` under a name never used before: its bytes are kept,
+    neither copied nor read, and no link is followed. A file is linked there first
+    (which fails when the name is taken), then unlinked; a folder is renamed (which
+    fails onto a folder that holds anything)."""
+    folder = os.path.join(path, AUX, QUARANTINE)
+    make_dir(folder)
+    is_dir = stat.S_ISDIR(os.lstat(file).st_mode)
+    for k in range(1_000_000):
+        target = os.path.join(folder, f"{name}{f'.{k}' if k else ''}.bad")
+        if os.path.lexists(target):
+            continue
+        try:
+            if is_dir:
+                os.rename(file, target)
+            else:
+                os.link(file, target, follow_symlinks=False)
+                os.unlink(file)
+        except FileExistsError:
+            continue
+        fsync_dir(folder)
+        fsync_dir(os.path.dirname(file))
+        return target
+    raise FormatError(f"{folder}: no free name for {name}.bad")
 
 
 def _save(path: str, name: str, data: bytes) -> str:

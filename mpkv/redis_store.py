@@ -689,7 +689,7 @@ class RedisStore(StoreMapping):
             return tx.delete(key)
         return self._write([(key, None)], [_enc_key(key), b""], b"p") == 1
 
-    def update(self, *args: Any, **kwargs: Any) -> None:
+    def update(self, /, *args: Any, **kwargs: Any) -> None:
         """Like ``dict.update``, committed as one atomic script (all or nothing)."""
         self._writable()
         if self._joined() is not None:

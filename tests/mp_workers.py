@@ -73,8 +73,9 @@ def keys_writer(path, w, n, max_segment_bytes, barrier):
         s.close()
 
 
-def counter_reader(path, nwriters, barrier, stop):
-    """Poll every ``count-<w>``; each must never go down, and the key it counts must exist."""
+def counter_reader(path, nwriters, barrier, stop, passed):
+    """Poll every ``count-<w>``; each must never go down, and the key it counts must exist.
+    ``passed`` is set after the first pass (so the parent can wait for one before ``stop``)."""
     s = mpkv.Store(path)
     last = [0] * nwriters
     seen = [set() for _ in range(nwriters)]
@@ -97,6 +98,7 @@ def counter_reader(path, nwriters, barrier, stop):
                             f"(written before the counter)"
                         )
             loops += 1
+            passed.set()
             if finished:
                 break
     finally:

@@ -48,7 +48,7 @@ def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", HOST, "--dir",
                                  str(folder), "--save", "", "--appendonly", "no"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # generous: the machine may be loaded
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if redis.Redis(host=HOST, port=port, socket_timeout=1).ping():

@@ -355,23 +355,40 @@ def test_cli_watch_compacted_since_prints_one_line_and_exits_1(tmp_path: Path) -
 def test_cli_watch_follows_a_readonly_store_across_compaction(tmp_path: Path) -> None:
     path = tmp_path / "s"
     mpkv.Store(path, max_segment_bytes=500).close()
-    proc = subprocess.Popen([sys.executable, "-m", "mpkv", "watch", str(path), "--timeout",
-                             "5"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not readers(path):  # registered: from now on no change can be missed
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
-            time.sleep(0.05)
-        run_child(path, """
+    # The writer is started (Python and mpkv loaded, the store open) before the watcher,
+    # and writes on a word: its start-up, slow on a loaded machine, is then not taken for
+    # the watcher's 5 s without a change.
+    writer = subprocess.Popen([sys.executable, "-c", """
+import sys, mpkv
+store = mpkv.Store(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
 for i in range(600):
     store.put(f"k{i % 10}", str(i))
     if i % 200 == 199:
         store.compact()
-""")
+store.close()
+""", str(path)], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    proc = None
+    try:
+        assert writer.stdout.readline() == b"ready\n", writer.stderr.read()  # type: ignore[union-attr]
+        assert not readers(path)
+        proc = subprocess.Popen([sys.executable, "-m", "mpkv", "watch", str(path), "--timeout",
+                                 "5"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 60
+        while not readers(path):  # registered: from now on no change can be missed
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.05)
+        _, err = writer.communicate(b"go\n", timeout=120)
+        assert writer.returncode == 0, err.decode()
         out, _ = proc.communicate(timeout=60)
     finally:
-        proc.kill()
+        for p in (writer, proc):
+            if p is not None:
+                p.kill()
+                p.wait()
     assert [json.loads(x)["value"] for x in out.splitlines()] == [str(i) for i in range(600)]
 
 

@@ -363,11 +363,13 @@ def test_a_reader_thread_does_not_weaken_the_directory_lock_of_another_thread(tm
     def compactor() -> None:
         with s._dirlock.exclusive():
             held.set()
-            done.wait(10)
+            # held until the probe below is done: its Python start-up may be slow on a
+            # loaded machine, and a lock let go early would make the probe fail
+            done.wait(120)
 
     t = threading.Thread(target=compactor)
     t.start()
-    held.wait(10)
+    assert held.wait(120)
     got_shared = threading.Event()
 
     def read_side() -> None:
@@ -390,7 +392,7 @@ def test_a_reader_thread_does_not_weaken_the_directory_lock_of_another_thread(tm
     assert not got_shared.is_set()  # the reader thread waits for the exclusive holder
     done.set()
     t.join()
-    reader.join(10)
+    reader.join(120)
     assert got_shared.is_set()
     assert probe.returncode == 0, "another process could take the directory lock shared"
     s.close()

@@ -164,31 +164,56 @@ def tmp_outputs(path: Path | str) -> list[str]:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_compaction_under_concurrent_writers_readers_and_openers(tmp_path: Path, fmt: str) -> None:
-    """compact() every 0.2 s for ~4 s in its own process while 2 writers, 1 reader and
-    1 process that opens and closes the store work on it (max_segment_bytes=2048: many
-    segments). Nothing acknowledged is lost, no deleted key comes back, and no process
-    ever sees a key vanish or a version go backwards."""
+    """compact() every 0.2 s in its own process while 2 writers, 1 reader and 1 process
+    that opens and closes the store work on it (max_segment_bytes=2048: many segments),
+    for at least ~4 s and until the workload did what the checks below need (however
+    slow a loaded machine makes it). Nothing acknowledged is lost, no deleted key comes
+    back, and no process ever sees a key vanish or a version go backwards."""
     path = tmp_path / "store"
     opts = {"path": str(path), "format": fmt, "max_segment_bytes": 2048}
     with mpkv.Store(path, format=fmt, max_segment_bytes=2048):
         pass  # created once, so no child races to create it with other options
     seed = 11 if fmt == "binary" else 12
+    logs = {name: tmp_path / f"{name}.log"
+            for name in ("writer0", "writer1", "reader", "opener", "compactor")}
     children: list[Child] = []
     try:
         writers = [Child("writer", {**opts, "seed": seed, "wid": w,
-                                    "log": str(tmp_path / f"w{w}.log")}, tmp_path, f"writer{w}")
+                                    "log": str(logs[f"writer{w}"])}, tmp_path, f"writer{w}")
                    for w in range(2)]
-        reader = Child("reader", {**opts, "seed": seed}, tmp_path, "reader")
-        opener = Child("opener", {"path": str(path)}, tmp_path, "opener")
+        reader = Child("reader", {**opts, "seed": seed, "log": str(logs["reader"])},
+                       tmp_path, "reader")
+        opener = Child("opener", {"path": str(path), "log": str(logs["opener"])},
+                       tmp_path, "opener")
         children = [*writers, reader, opener]
         for c in children:
             c.expect("ready")
-        compactor = Child("compactor", {**opts, "duration": 4.0, "interval": 0.2,
-                                             "min_runs": 3},
+        compactor = Child("compactor", {**opts, "interval": 0.2,
+                                        "log": str(logs["compactor"])},
                           tmp_path, "compactor")
         children.append(compactor)
         compactor.expect("ready")
-        comp = compactor.report(stop=False)  # once its ~4 s of compactions are done
+
+        def workload_done() -> bool:
+            runs = [json.loads(line) for line in logs["compactor"].read_text().splitlines()
+                    if line.endswith("}")]
+            return (len(runs) >= 3 and max(r["segments_before"] for r in runs) >= 10
+                    and min(acked(logs[f"writer{w}"]) for w in range(2)) >= 200
+                    and acked(logs["opener"]) >= 3 and acked(logs["reader"]) >= 1)
+
+        # Stopped by what happened, not by a clock: the 4 s only keep the workload at
+        # least as long as on a fast machine; TIMEOUT only catches a hang.
+        started = time.monotonic()
+        while time.monotonic() - started < 4.0 or not workload_done():
+            for c in children:
+                if c.proc.poll() is not None:
+                    c._fail("ended before it was stopped")
+            if time.monotonic() - started > TIMEOUT:
+                compactor._fail("the workload made too little progress in "
+                                f"{TIMEOUT} s: " + ", ".join(
+                                    f"{n}: {acked(log)} lines" for n, log in logs.items()))
+            time.sleep(0.05)
+        comp = compactor.report()  # stopped first: everything above ran while it compacted
         reports = {c.name: c.report() for c in [*writers, reader, opener]}
     finally:
         for c in children:
@@ -198,7 +223,7 @@ def test_compaction_under_concurrent_writers_readers_and_openers(tmp_path: Path,
     expected: dict[str, Any] = {}
     deleted: set[str] = set()
     for w in range(2):
-        n = acked(tmp_path / f"w{w}.log")
+        n = acked(logs[f"writer{w}"])
         assert n == reports[f"writer{w}"]["acked"]
         ops = cw.take(cw.mono_ops(seed, w), n)
         expected.update(model({}, ops))

@@ -1393,12 +1393,14 @@ def test_cli_watch_existing_store_follows_new_changes(tmp_path: Path) -> None:
                                                               if proc.stdout else ""))
         reader.start()
         try:
-            # We cannot tell when the watcher has started: write until it prints.
-            for i in range(200):
+            # We cannot tell when the watcher has started: write until it prints (its
+            # start-up may take long on a loaded machine; the cap only stops a hang).
+            deadline = time.monotonic() + 120
+            i = 0
+            while not lines and time.monotonic() < deadline:
                 s[f"new{i}"] = "1"
                 reader.join(0.2)
-                if lines:
-                    break
+                i += 1
         finally:
             proc.kill()
             proc.communicate(timeout=30)

@@ -224,13 +224,39 @@ def test_a_bad_hint_is_ignored_reported_and_repaired(tmp_path: Path, fmt: str, s
     found = [str(d) for d in report.damage] if damage else report.notes
     assert report.ok is not damage
     assert len(found) == 1 and hint in found[0] and said in found[0], (found, said)
+    before = os.readlink(hint) if os.path.islink(hint) else Path(hint).read_bytes()
     fixed = mpkv.repair(path)
-    assert f"removed {hint}" in fixed.actions
+    if damage:  # repair never deletes damaged bytes: they go to the quarantine
+        moved = os.path.join(path, ".mpkv", "quarantine", f"hint-{first}.bad")
+        assert f"moved {hint} aside to {moved}" in fixed.actions
+        assert fixed.quarantined == [moved]
+        assert (os.readlink(moved) if os.path.islink(moved)
+                else Path(moved).read_bytes()) == before
+    else:
+        assert f"removed {hint}" in fixed.actions
     assert not os.path.lexists(hint)
     assert mpkv.verify(path).ok and not mpkv.verify(path).notes
     with mpkv.Store(path) as s:
         assert (view_entries(s), dict(s.items())) == got
 
+
+
+def test_repair_moves_a_folder_at_a_hint_path_aside_instead_of_failing(tmp_path: Path) -> None:
+    # repair stopped with "Is a directory" (exit 1) while verify kept asking for it
+    path = str(tmp_path / "s")
+    _build(path, "binary")
+    first = _outputs(path)[0]
+    hint = hints.hint_path(path, first)
+    os.unlink(hint)
+    os.mkdir(hint)
+    Path(hint, "inside").write_text("kept")
+    assert not mpkv.verify(path).ok
+    fixed = mpkv.repair(path)
+    moved = os.path.join(path, ".mpkv", "quarantine", f"hint-{first}.bad")
+    assert fixed.quarantined == [moved]
+    assert Path(moved, "inside").read_text() == "kept"
+    assert not os.path.lexists(hint)
+    assert mpkv.verify(path).ok
 
 def test_verify_finds_a_hint_that_disagrees_with_its_output(tmp_path: Path) -> None:
     """A hint bound to its output, with a valid CRC, that names another key: open

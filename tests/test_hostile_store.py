@@ -346,13 +346,16 @@ def redis_url(tmp_path):
                              "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(500):
+        import time
+
+        deadline = time.monotonic() + 60  # generous: the machine may be loaded
+        while True:
             try:
-                redis.Redis(host="127.0.0.1", port=port).ping()
+                redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping()
                 break
             except redis.RedisError:
-                import time
-
+                assert time.monotonic() < deadline and proc.poll() is None, (
+                    "redis-server did not start")
                 time.sleep(0.01)
         yield f"redis://127.0.0.1:{port}/0?namespace=ns"
     finally:

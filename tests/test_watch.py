@@ -169,19 +169,21 @@ def test_timeout_ends_after_idle_seconds(store) -> None:
 
 
 def test_timeout_counts_idle_time_not_total_time(store) -> None:
-    """Writes every 0.1 s for about 1.6 s: a 1 s idle timeout must not cut them off."""
+    """Writes every 0.15 s for about 2.4 s: a 2 s idle timeout must not cut them off.
+    (The gaps stay far below the timeout, so that a writer thread slowed down by a
+    loaded machine is not taken for an idle one.)"""
     def writer() -> None:
         for i in range(16):
             store.put(f"tick:{i:02d}", str(i))
-            time.sleep(0.1)
+            time.sleep(0.15)
 
-    changes = store.watch("tick:", timeout=1.0)
+    changes = store.watch("tick:", timeout=2.0)
     t = threading.Thread(target=writer)
     started = time.monotonic()
     t.start()
     got = list(changes)
     t.join()
-    assert time.monotonic() - started >= 1.5
+    assert time.monotonic() - started >= 2.25  # longer than the timeout in total
     assert got == [(f"tick:{i:02d}", str(i)) for i in range(16)]
 
 
