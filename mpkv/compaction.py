@@ -324,8 +324,25 @@ class Output(NamedTuple):
     crc: int
 
 
+class Placed(NamedTuple):
+    """Where an output put the values of its items (from its hint): ``kinds`` holds
+    one hint kind per item, in the state's order (``hints.FILE_STR`` and
+    ``hints.FILE_BYTES``: the value is in the output), and the columns one entry per
+    value in the output, as a view's ``ValueFile`` holds them."""
+
+    kinds: bytes
+    offsets: array[int]
+    lengths: array[int]
+    crcs: array[int]
+
+    def file_kinds(self) -> bytes:
+        """``STR_VALUE`` or ``BYTES_VALUE`` for each value in the output, in order."""
+        return self.kinds.translate(hints.FILE_KIND, hints.INLINE_KINDS)
+
+
 def write_outputs(path: str, codec: Codec, state: State, max_units: int,
-                  number: int | None = None) -> list[Output]:
+                  number: int | None = None, placed: list[Placed] | None = None
+                  ) -> list[Output]:
     """Write ``state`` into temporary files in ``.mpkv/`` (never taken for segments),
     each within the segment limit and fsynced. Returns them in order. Values left in
     the inputs are read back about a record's worth at a time (``_Inputs.batches``),
@@ -335,7 +352,8 @@ def write_outputs(path: str, codec: Codec, state: State, max_units: int,
 
     With ``number`` (the compaction's), each output gets its hint (hints.py), named for
     the output it becomes: ``number.0001``, ... Hints of outputs that never make it into
-    the log are removed by ``tidy``."""
+    the log are removed by ``tidy``. ``placed`` (with ``number``) receives, for each
+    output, where it put the values (``Placed``)."""
     aux = os.path.join(path, AUX)
     outputs: list[Output] = []
     f = None
@@ -359,6 +377,10 @@ def write_outputs(path: str, codec: Codec, state: State, max_units: int,
             # Bound to the file as it is now: the rename into place keeps inode and mtime.
             data = hint.encode(number, len(outputs) + 1, os.fstat(f.fileno()), used)
             hints.write(path, segment_name(number, len(outputs) + 1), data)
+            del data
+            if placed is not None:
+                placed.append(Placed(bytes(hint.kinds), hint.offsets, hint.lengths,
+                                     hint.crcs))
         f.close()
         outputs.append(Output(tmp, size, crc))
 

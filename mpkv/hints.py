@@ -52,6 +52,8 @@ _STR_KINDS = (INLINE_STR, FILE_STR)  # by "is the value in the file"
 _VALID_KINDS = bytes([INLINE_STR, INLINE_BYTES, FILE_STR, FILE_BYTES])
 #: kinds of the in-file entries, as ``keydir.ValueFile`` counts them
 _FILE_KIND = bytes.maketrans(bytes([FILE_STR, FILE_BYTES]), bytes([STR_VALUE, BYTES_VALUE]))
+#: For code outside this module: the table above, and the kinds of inline entries.
+FILE_KIND, INLINE_KINDS = _FILE_KIND, bytes([INLINE_STR, INLINE_BYTES])
 _TMP_PREFIX = ".hint-"
 #: What ``read`` says when there is no hint, and how it starts saying that a hint
 #: belongs to another file (stale, not damaged).

@@ -273,6 +273,24 @@ class ValueFiles:
             vf.map = m
             return m
 
+    def forget(self, files: set[str]) -> None:
+        """Drop the tables of these files (the view holds no handle into them any more:
+        a compaction removed them and moved the view's values to its outputs), their
+        maps (they close once no reader holds them) and kept descriptors. A reader still
+        holding one of their handles finds it unknown and looks again. Tail mutex held."""
+        with self._mutex:
+            for fid, vf in list(self.files.items()):
+                if vf.file not in files:
+                    continue
+                del self.files[fid]
+                if vf.map is not None:
+                    self._mapped.remove(vf)
+                    vf.map = None
+                if vf.kept >= 0:
+                    self._kept.remove(vf)
+                    os.close(vf.kept)
+                    vf.kept = -1
+
     def close(self) -> None:
         """Drop every map (they close once no reader holds them) and close the kept
         descriptors."""

@@ -55,6 +55,7 @@ from .segments import (
     parse_name,
     read_intent,
     read_meta,
+    segment_name,
     truncate_log,
     written_format,
 )
@@ -637,9 +638,11 @@ class Store(LogView, StoreMapping):
             served = None if taken is None else compaction.from_view(self.path, taken[1],
                                                                       sealed)
             del taken  # the copy of the view lives on in ``state`` alone, if at all
+            placed: list[compaction.Placed] | None = None
             if served is not None:
                 state, horizon = served
                 del served
+                placed = []
             else:  # the view cannot serve: replay the inputs
                 last: list[UnitPos] = []
                 state = compaction.replay(self.path, self._codec,
@@ -647,8 +650,11 @@ class Store(LogView, StoreMapping):
                 horizon = last[0]
             number = parse_name(sealed[-1])[0]  # type: ignore[index]
             outputs = compaction.write_outputs(self.path, self._codec, state,
-                                               self.max_segment_bytes, number)
-            del state  # its keys and handles: not alive beside the view rebuilt below
+                                               self.max_segment_bytes, number, placed)
+            # A replayed state's keys and handles must not be alive beside the view
+            # rebuilt below; a copy of the view is kept to point the view's handles.
+            copy = state if placed is not None else None
+            del state
             after = sum(o.size for o in outputs)
             with self._write_mutex:
                 self._still_open()
@@ -658,10 +664,21 @@ class Store(LogView, StoreMapping):
                                       self._dirlock, horizon)
                 finally:
                     self._unlock()
-                # Let go of the inputs (maps, kept descriptors): the view moves to the
-                # outputs (other writers are not held meanwhile), unless only refresh()
-                # may move it.
-                if self.max_staleness is not None:
+                # Let go of the inputs (maps, kept descriptors): the view's values move
+                # to the outputs (other writers are not held meanwhile): its handles
+                # are pointed into them when the view gave the state, else the view is
+                # rebuilt, unless only refresh() may move it.
+                moved = False
+                if copy is not None and placed is not None:
+                    names = [segment_name(number, k) for k in range(1, len(placed) + 1)]
+                    try:
+                        with self._tail_mutex:
+                            moved = self._repoint(copy.view, copy.files, sealed,
+                                                  list(zip(names, placed, strict=True)))
+                    except OSError:  # an output could not be opened: rebuild instead
+                        moved = False
+                del copy, placed
+                if not moved and self.max_staleness is not None:
                     with self._tail_mutex:
                         if self._holds_values_in(sealed):
                             self._rebuild()

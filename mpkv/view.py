@@ -8,7 +8,8 @@ shared counter with the one it last saw and tails the log only when they differ.
 ``LogView`` is the part of a store that holds the view: the tail mutex, the seqlock
 version, the cursor, catching up with the log (to the published commit point, or to
 the end of the files when the shared state is untrusted), rebuilding the view from
-scratch after a compaction, and reading values without a lock. The store (store.py)
+scratch after a compaction (or pointing its handles into the outputs of its own
+compaction), and reading values without a lock. The store (store.py)
 adds the writes and the public API on top; watchers (watch.py) use the same limits.
 docs/protocol.md has the protocol.
 """
@@ -19,12 +20,15 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
+from . import hints
 from .codec import BYTES_VALUE, STR_VALUE, Batch, Codec, Value, apply
 from .common import fork_epoch
+from .compaction import Placed
 from .errors import Error
+from .files import open_regular
 from .keydir import Moved, ValueFiles
 from .locks import DirLock
 from .mapping import MISSING
@@ -32,6 +36,8 @@ from .segments import Cursor, Limit, Meta, NeedReload, list_log, parse_name, rea
 from .shm import SharedState
 
 T = TypeVar("T")
+#: Hint kinds of an item whose value is in the output (``compaction.Placed``).
+_IN_OUTPUT = frozenset([hints.FILE_STR, hints.FILE_BYTES])
 
 
 def _entry(value: Value | int, values: ValueFiles) -> tuple[int, int, int] | None:
@@ -215,6 +221,59 @@ class LogView:
         """Does the view hold values in any of these segments of the log? Tail mutex held."""
         files = {os.path.join(self.path, name) for name in names}
         return any(vf.file in files for vf in list(self._values.files.values()))
+
+    def _repoint(self, state: dict[str, Value | int], values: ValueFiles, inputs: list[str],
+                 outputs: list[tuple[str, Placed]]) -> bool:
+        """After a compaction this store made from its view (``state``, the copy taken at
+        the seal, with handles into ``values``): point the handles still in the view
+        into the outputs, which hold the same values, instead of the removed inputs,
+        and forget the inputs. Tail mutex held. True when the view holds no value in
+        the inputs any more (else the caller rebuilds it, as without this).
+
+        Only a key whose entry is still the very handle object of the copy moves: any
+        other entry changed since the seal, and points past the inputs. Items come in
+        the copy's order, which is the outputs' (``compaction.write_outputs``); a
+        value in an output is one the copy held as a handle or inline (a str of few
+        characters but many bytes), never the reverse (both use ``INLINE_MAX``)."""
+        if self._values is not values:
+            return not self._holds_values_in(inputs)  # rebuilt meanwhile: not its handles
+        files = {os.path.join(self.path, name) for name in inputs}
+        if any(vf.file in files for vf in list(values.files.values())):
+            view = self._view
+            items = iter(state.items())
+            self._version += 1
+            try:
+                for name, placed in outputs:
+                    handles = self._output_handles(name, placed, values)
+                    # ``items`` runs on over the outputs: zip takes from it only
+                    # while this output has kinds left.
+                    for kind, (key, old) in zip(placed.kinds, items, strict=False):
+                        if kind in _IN_OUTPUT:
+                            new = next(handles)
+                            if old.__class__ is int and view.get(key) is old:
+                                view[key] = new
+                        elif old.__class__ is int:
+                            return False  # a handle the output holds inline: rebuild
+                assert next(items, None) is None, "the outputs hold every item of the copy"
+            finally:
+                self._version += 1
+        values.forget(files)
+        return True
+
+    def _output_handles(self, name: str, placed: Placed, values: ValueFiles) -> Iterator[int]:
+        """Handles, in ``values``, of the values compaction output ``name`` holds."""
+        if not placed.offsets:
+            return iter(())
+        file = os.path.join(self.path, name)
+        fd = open_regular(file, os.O_RDONLY)
+        try:
+            vf = values.new_file(file, fd)
+            handles = vf.extend(placed.offsets, placed.lengths, placed.crcs,
+                                placed.file_kinds())
+        finally:
+            os.close(fd)
+        vf.source = -1  # closed: entries are complete
+        return iter(handles)
 
     def _reload(self, look: Look, count: bool = True) -> int | None:
         """Rebuild the view from scratch: files the cursor needed were compacted away.
