@@ -3,7 +3,8 @@
 - compaction lock: ``flock`` exclusive on ``.mpkv/compact.lock``, a descriptor per
   acquisition. One compaction at a time.
 - writer lock: ``flock`` exclusive on ``.mpkv/lock``, a descriptor held for the store's
-  life. Guards appending, truncating and publishing the commit point.
+  life (reopened if the file was deleted: see ``WriterLock.acquire``). Guards
+  appending, truncating and publishing the commit point.
 - directory lock: ``flock`` on ``.mpkv/dirlock``, shared (listing the directory and
   opening the next segment) or exclusive (a compaction's switch), behind an in-process
   reader-writer lock. A reader sees the files before or after a switch, never halfway.
@@ -94,13 +95,28 @@ class WriterLock:
                                   "already holds it through another Store object (an open "
                                   "transaction), so waiting would never end; write through "
                                   "that transaction")
-            if self.timeout is None:
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-            else:
-                _flock_within(self.fd, self.path, "writer lock", self.timeout)
+            while True:
+                if self.timeout is None:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX)
+                else:
+                    _flock_within(self.fd, self.path, "writer lock", self.timeout)
+                if os.fstat(self.fd).st_nlink:
+                    break
+                # The lock file was deleted or replaced (someone "unlocking" a store):
+                # processes that opened it since lock the new file, so holding the old
+                # one excludes no one. Move to the new one.
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                self._reopen()
             with _held_mutex:
                 _held[self.key] = (me, self)
         self.depth += 1
+
+    def _reopen(self) -> None:
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
+        os.close(self.fd)
+        self.fd = fd
+        st = os.fstat(fd)
+        self.key = (st.st_dev, st.st_ino)
 
     def release(self) -> None:
         self.depth -= 1
@@ -134,6 +150,9 @@ class CompactionLock:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.fstat(fd).st_nlink:  # deleted or replaced: lock the file there now
+                os.close(fd)
+                return self.acquire(wait, create)
         except BlockingIOError:
             os.close(fd)
             return False

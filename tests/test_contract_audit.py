@@ -3,6 +3,7 @@ the code disagreed with a sentence of it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,36 @@ print(sorted(b.items()))
                          timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[('x', '1'), ('y', '2')]"
+
+
+def test_deleting_the_lock_file_does_not_let_two_writers_in_at_once(tmp_path: Path) -> None:
+    # Someone "unlocks" the store by deleting .mpkv/lock while two processes have it
+    # open: the one that opened before kept locking the deleted file, the other a new
+    # one, and increments of both were lost (transactions must stay serializable).
+    path = str(tmp_path / "s")
+    mpkv.Store(path).close()
+    code = f"""
+import sys
+import mpkv
+s = mpkv.Store({path!r})
+print("open", flush=True)
+sys.stdin.readline()
+for _ in range(400):
+    s.incr("n")
+s.close()
+"""
+    first = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert first.stdout is not None and first.stdin is not None
+    first.stdout.readline()
+    os.unlink(os.path.join(path, ".mpkv", "lock"))
+    second = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert second.stdout is not None and second.stdin is not None
+    second.stdout.readline()
+    for proc in (first, second):
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0
+    with mpkv.Store(path) as s:
+        assert s["n"] == "800"
