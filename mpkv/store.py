@@ -709,8 +709,8 @@ class Store(LogView, StoreMapping):
                     locked = False
                     values = self._values
                     taken = compaction.Taken(dict(self._view), values,
-                                             [(vf.file, vf.ino)
-                                              for vf in list(values.files.values())],
+                                             [vf.file for vf in list(values.files.values())],
+                                             dict(values.entered),
                                              self._cursor.position)
                     return self._cursor.name, taken
             finally:
