@@ -720,7 +720,8 @@ class Store(LogView, StoreMapping):
                     locked = False
                     values = self._values
                     taken = compaction.Taken(dict(self._view), values,
-                                             [vf.file for vf in list(values.files.values())],
+                                             [(vf.file, vf.ino)
+                                              for vf in list(values.files.values())],
                                              self._cursor.position)
                     return self._cursor.name, taken
             finally:
