@@ -83,8 +83,9 @@ class Taken(NamedTuple):
     #: The view's value files then: the view may replace its own later (a rebuild),
     #: and the handles of ``view`` keep their meaning in this one.
     values: ValueFiles
-    #: The files ``values`` held values of then.
-    files: list[str]
+    #: The files ``values`` held values of then, each with the ``(st_dev, st_ino)``
+    #: of the file the view read (``ValueFile.ino``).
+    files: list[tuple[str, tuple[int, int]]]
     #: The position of the last unit the view had applied (``Cursor.position``).
     position: UnitPos
 
@@ -94,7 +95,10 @@ def from_view(path: str, taken: Taken, inputs: list[str]) -> tuple[State, UnitPo
     (``Taken``), and their horizon as ``replay`` computes it; None when the view
     cannot serve: its handles may point into files that are not among the inputs
     (segments an earlier compaction removed while the view still held values in
-    them), which nothing keeps in place. Nothing is read: the values the view holds
+    them), which nothing keeps in place, or into a file that another file has
+    replaced under the same name (``repair`` rewrote a damaged segment: the view's
+    places are not that file's, and its state may hold records repair dropped).
+    Nothing else is read: the values the view holds
     are the encoded values of the log, and those it left in the inputs are read back
     by ``write_outputs`` (CRC-checked, as for ``replay``).
 
@@ -103,8 +107,15 @@ def from_view(path: str, taken: Taken, inputs: list[str]) -> tuple[State, UnitPo
     inputs begin with those outputs and no unit follows them, and the horizon is
     where the outputs end, as for a reader that entered them (``Cursor._enter``)."""
     files = {os.path.join(path, name) for name in inputs}
-    if not all(file in files for file in taken.files):
-        return None
+    for file, ino in taken.files:
+        if file not in files:
+            return None
+        try:
+            st = os.stat(file)
+        except FileNotFoundError:
+            return None
+        if (st.st_dev, st.st_ino) != ino:
+            return None
     horizon = taken.position
     for name in inputs:
         number, part = parse_name(name)  # type: ignore[misc]

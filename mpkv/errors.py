@@ -25,7 +25,8 @@ class ClosedError(Error):
 
 
 class LockTimeout(Error):
-    """The writer lock was not acquired within ``lock_timeout`` seconds."""
+    """The writer lock was not acquired within ``lock_timeout`` seconds (or never could
+    be: this thread holds it through another Store object's open transaction)."""
 
 
 class ReadOnlyError(Error):

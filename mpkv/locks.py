@@ -3,7 +3,8 @@
 - compaction lock: ``flock`` exclusive on ``.mpkv/compact.lock``, a descriptor per
   acquisition. One compaction at a time.
 - writer lock: ``flock`` exclusive on ``.mpkv/lock``, a descriptor held for the store's
-  life. Guards appending, truncating and publishing the commit point.
+  life (reopened if the file was deleted: see ``WriterLock.acquire``). Guards
+  appending, truncating and publishing the commit point.
 - directory lock: ``flock`` on ``.mpkv/dirlock``, shared (listing the directory and
   opening the next segment) or exclusive (a compaction's switch), behind an in-process
   reader-writer lock. A reader sees the files before or after a switch, never halfway.
@@ -39,6 +40,24 @@ from contextlib import contextmanager
 from .errors import LockTimeout
 from .files import open_regular
 
+#: Writer locks this process holds: lock file (st_dev, st_ino) -> (ident of the thread,
+#: the WriterLock holding it). Written under ``_held_mutex``; read without it (an entry
+#: naming the reading thread can only have been written by that thread). A thread that
+#: holds a store's writer lock through one Store asks for it through another: waiting
+#: would never end, so it fails at once instead.
+_held: dict[tuple[int, int], tuple[int, WriterLock]] = {}
+_held_mutex = threading.Lock()
+
+
+def _forget_held() -> None:
+    """In a forked child: the parent's locks are not this process's."""
+    global _held_mutex
+    _held_mutex = threading.Lock()
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_held)
+
 
 def _flock_within(fd: int, path: str, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -63,19 +82,48 @@ class WriterLock:
         self.path = path
         self.timeout = timeout
         self.fd = open_regular(path, os.O_RDWR | os.O_CREAT)
+        st = os.fstat(self.fd)
+        self.key = (st.st_dev, st.st_ino)
         self.depth = 0
 
     def acquire(self) -> None:
         if self.depth == 0:
-            if self.timeout is None:
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-            else:
-                _flock_within(self.fd, self.path, "writer lock", self.timeout)
+            me = threading.get_ident()
+            holder = _held.get(self.key)
+            if holder is not None and holder[0] == me and holder[1] is not self:
+                raise LockTimeout(f"{self.path}: writer lock not acquired: this thread "
+                                  "already holds it through another Store object (an open "
+                                  "transaction), so waiting would never end; write through "
+                                  "that transaction")
+            while True:
+                if self.timeout is None:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX)
+                else:
+                    _flock_within(self.fd, self.path, "writer lock", self.timeout)
+                if os.fstat(self.fd).st_nlink:
+                    break
+                # The lock file was deleted or replaced (someone "unlocking" a store):
+                # processes that opened it since lock the new file, so holding the old
+                # one excludes no one. Move to the new one.
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                self._reopen()
+            with _held_mutex:
+                _held[self.key] = (me, self)
         self.depth += 1
+
+    def _reopen(self) -> None:
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
+        os.close(self.fd)
+        self.fd = fd
+        st = os.fstat(fd)
+        self.key = (st.st_dev, st.st_ino)
 
     def release(self) -> None:
         self.depth -= 1
         if self.depth == 0:
+            with _held_mutex:
+                if _held.get(self.key, (0, None))[1] is self:
+                    del _held[self.key]
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
@@ -102,6 +150,9 @@ class CompactionLock:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.fstat(fd).st_nlink:  # deleted or replaced: lock the file there now
+                os.close(fd)
+                return self.acquire(wait, create)
         except BlockingIOError:
             os.close(fd)
             return False

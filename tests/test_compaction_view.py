@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import flip_byte
 
 import mpkv
 from mpkv import compaction, hints
@@ -428,3 +431,34 @@ def test_one_key_view_cannot_compact(tmp_path: Path) -> None:
         reader.compact()
     reader.close()
     assert sorted(os.listdir(path)) == names
+
+
+def test_view_holding_values_in_a_segment_repair_rewrote_still_compacts(
+        tmp_path: Path) -> None:
+    """Another process repaired the store while this one had it open: it rewrote a
+    sealed segment under the same name (a new file, without the damaged record; the
+    live values after it moved). This store's view still holds values at their places
+    in the file that was replaced: it cannot give the state, so compaction replays the
+    inputs, and every live value is kept, in this store's view and in the log."""
+    path = str(tmp_path / "s")
+    s = mpkv.Store(path, max_segment_bytes=LIMIT, auto_compact=False)
+    s["dead"] = "D" * 300
+    model = {f"k{i}": f"{i}-" + "L" * 300 for i in range(20)}
+    for k, v in model.items():  # one record each: the view leaves the values in the file
+        s[k] = v
+    s["dead"] = model["dead"] = "gone"
+    assert dict(s.items()) == model  # every value read: the view maps the segments
+    first = os.path.join(path, list_log(path)[0])
+    with open(first, "rb") as f:
+        at = f.read().find(b"D" * 300)
+    assert at >= 0
+    flip_byte(first, at + 150)  # damage in a dead record, before live values of the file
+    code = "import mpkv, sys\nassert mpkv.repair(sys.argv[1]).damage\n"
+    subprocess.run([sys.executable, "-c", code, path], check=True)
+    s.compact()
+    assert dict(s.items()) == model
+    assert {k: s.get(k) for k in model} == model
+    s.close()
+    with mpkv.Store(path, readonly=True) as r:
+        assert dict(r.items()) == model
+    assert mpkv.verify(path).ok
