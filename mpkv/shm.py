@@ -47,6 +47,9 @@ class SharedState:
         self.path = path
         self.writable = writable
         self._mm: mmap.mmap | None = None
+        #: A descriptor of the mapped file (-1: none), kept to notice that the file lost
+        #: its name (``replaced``).
+        self._fd = -1
         self._dev = self._ino = 0
         #: False when there is no file to map (a readonly open of a store whose shared
         #: state is missing): then nothing signals changes and readers must look.
@@ -70,17 +73,37 @@ class SharedState:
             if self.writable and st.st_size < SIZE:
                 os.ftruncate(fd, SIZE)
             elif st.st_size < SIZE:
+                os.close(fd)
                 return False
             access = mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ
             self._mm = mmap.mmap(fd, SIZE, access=access)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._fd = fd
         self._dev, self._ino = st.st_dev, st.st_ino
         # The unbacked slots are left to the garbage collector, not released: a
         # lock-free reader may still be reading them.
         self.slots = memoryview(self._mm).cast("Q")
         self.backed = True
         return True
+
+    def replaced(self) -> bool:
+        """Did the mapped file lose its name (someone deleted ``.mpkv/shm``, or put
+        another file there)? Processes that opened the store since use the file now at
+        the path; a writer still publishing into the old one would not see their
+        commits and would write over them. Checked by writers under the writer lock."""
+        return self._fd >= 0 and os.fstat(self._fd).st_nlink == 0
+
+    def reattach(self) -> None:
+        """Map the file now at the path instead (``replaced``). The old slots are left
+        to the garbage collector: a lock-free reader may still be reading them."""
+        os.close(self._fd)
+        self._fd = -1
+        self._mm = None
+        self.backed = False
+        self.slots = memoryview(bytearray(SIZE)).cast("Q")
+        self.remap()
 
     @property
     def seq(self) -> int:
@@ -168,3 +191,6 @@ class SharedState:
         self.slots.release()
         if self._mm is not None:
             self._mm.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -366,6 +366,8 @@ class Store(LogView, StoreMapping):
             wlock.acquire()
             try:
                 with self._tail_mutex:
+                    if self._shm.replaced():
+                        self._shm_replaced()
                     behind = behind_ok and self._writer.append_behind(
                         self._cursor, records, self._seen_seq)
                     if not behind:
@@ -392,8 +394,17 @@ class Store(LogView, StoreMapping):
         assert self._wlock is not None
         self._wlock.release()
 
+    def _shm_replaced(self) -> None:
+        """Someone removed the shared state file: use the one at the path now, and trust
+        nothing this view saw in the old one (writer lock and tail mutex held)."""
+        self._shm.reattach()
+        self._remapped()
+        self._seen_seq = -1
+
     def _sync_with_log(self) -> None:
         """``_sync_log`` flagged as under the writer lock (tail mutex held)."""
+        if self._shm.replaced():
+            self._shm_replaced()
         self._under_writer_lock = True
         try:
             self._sync_log()

@@ -231,7 +231,9 @@ def test_garbage_shared_state_is_untrusted_then_rewritten(tmp_path):
     started = time.monotonic()
     reader = mpkv.Store(path, readonly=True)
     assert reader.get("a") == "1"
-    assert time.monotonic() - started < 1.0  # not a timing claim: the stall was 2 s a call
+    # not a timing claim: the stall was 2 s an open; below that, a loaded machine may take
+    # its time
+    assert time.monotonic() - started < 1.9
     with mpkv.Store(path) as s:
         s["b"] = "2"
         assert s.get("b") == "2"

@@ -50,10 +50,13 @@ print(sorted(b.items()))
     assert out.stdout.strip() == "[('x', '1'), ('y', '2')]"
 
 
-def test_deleting_the_lock_file_does_not_let_two_writers_in_at_once(tmp_path: Path) -> None:
-    # Someone "unlocks" the store by deleting .mpkv/lock while two processes have it
-    # open: the one that opened before kept locking the deleted file, the other a new
-    # one, and increments of both were lost (transactions must stay serializable).
+@pytest.mark.parametrize("side_file", ["lock", "shm"])
+def test_deleting_a_side_file_under_two_writers_loses_nothing(tmp_path: Path,
+                                                              side_file: str) -> None:
+    # Someone "unlocks" or "cleans" the store by deleting .mpkv/lock or .mpkv/shm while
+    # two processes have it open: the one that opened before kept using the deleted
+    # file, the other a new one. With the lock, increments of both were lost; with the
+    # shared state, the first wrote over the second's records (a CorruptionError).
     path = str(tmp_path / "s")
     mpkv.Store(path).close()
     code = f"""
@@ -70,7 +73,7 @@ s.close()
                              stdout=subprocess.PIPE, text=True)
     assert first.stdout is not None and first.stdin is not None
     first.stdout.readline()
-    os.unlink(os.path.join(path, ".mpkv", "lock"))
+    os.unlink(os.path.join(path, ".mpkv", side_file))
     second = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     assert second.stdout is not None and second.stdin is not None
@@ -81,3 +84,4 @@ s.close()
     assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0
     with mpkv.Store(path) as s:
         assert s["n"] == "800"
+    assert mpkv.verify(path).ok
