@@ -442,6 +442,17 @@ def write_outputs(path: str, codec: Codec, state: State, max_units: int,
     return outputs
 
 
+def discard(path: str, outputs: list[Output], number: int) -> None:
+    """Remove outputs that will not be switched in (the compaction failed before its
+    switch began) and their hints."""
+    for out in outputs:
+        try:
+            os.unlink(out.path)
+        except FileNotFoundError:
+            pass
+    hints.remove(path, [segment_name(number, k) for k in range(1, len(outputs) + 1)])
+
+
 def switch(path: str, outputs: list[Output], number: int, inputs: list[str],
            dirlock: DirLock, horizon: UnitPos | None = None) -> None:
     """Put the outputs in place of the inputs (writer lock held).

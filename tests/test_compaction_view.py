@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -495,3 +496,45 @@ def test_record_repair_dropped_does_not_come_back_through_compaction_from_an_old
     s.close()
     with mpkv.Store(path, readonly=True) as r:
         assert dict(r.items()) == repaired
+
+
+def test_compaction_that_cannot_switch_leaves_no_outputs_nor_hints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outputs are written, then the writer lock is not had within ``lock_timeout``
+    (another thread's transaction holds it): compaction raises LockTimeout and removes
+    what it wrote (temporary outputs, their hints), as for any other error; the
+    directory is as the seal left it."""
+    path = str(tmp_path / "s")
+    s = mpkv.Store(path, max_segment_bytes=LIMIT, auto_compact=False, lock_timeout=0.2)
+    for i in range(200):
+        s[f"k{i % 50}"] = f"{i}-" + "L" * (i % 300)
+    holder = mpkv.Store(path, auto_compact=False)
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with holder.transaction():
+            held.set()
+            done.wait()
+
+    real = compaction.write_outputs
+
+    def write_outputs(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        thread.start()
+        held.wait()
+        return out
+
+    thread = threading.Thread(target=hold)
+    monkeypatch.setattr(compaction, "write_outputs", write_outputs)
+    try:
+        with pytest.raises(mpkv.LockTimeout):
+            s.compact()
+    finally:
+        done.set()
+        if held.is_set():
+            thread.join()
+    aux = os.path.join(path, AUX)
+    assert not [n for n in os.listdir(aux) if n.endswith(".tmp")]
+    assert os.listdir(os.path.join(aux, hints.HINTS)) == []
+    holder.close()
+    s.close()
