@@ -371,7 +371,7 @@ class Store(LogView, StoreMapping):
                     behind = behind_ok and self._writer.append_behind(
                         self._cursor, records, self._seen_seq)
                     if not behind:
-                        self._sync_with_log()
+                        self._sync_with_log(shm_checked=True)
                         was = existed is not None and existed in self._view
                         if only_if_exists and not was:
                             return False
@@ -401,9 +401,11 @@ class Store(LogView, StoreMapping):
         self._remapped()
         self._seen_seq = -1
 
-    def _sync_with_log(self) -> None:
-        """``_sync_log`` flagged as under the writer lock (tail mutex held)."""
-        if self._shm.replaced():
+    def _sync_with_log(self, shm_checked: bool = False) -> None:
+        """``_sync_log`` flagged as under the writer lock (tail mutex held), after moving
+        to a replaced shared state file unless the caller just did (an ``fstat`` a
+        commit need not pay twice)."""
+        if not shm_checked and self._shm.replaced():
             self._shm_replaced()
         self._under_writer_lock = True
         try:
