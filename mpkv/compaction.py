@@ -83,9 +83,11 @@ class Taken(NamedTuple):
     #: The view's value files then: the view may replace its own later (a rebuild),
     #: and the handles of ``view`` keep their meaning in this one.
     values: ValueFiles
-    #: The files ``values`` held values of then, each with the ``(st_dev, st_ino)``
-    #: of the file the view read (``ValueFile.ino``).
-    files: list[tuple[str, tuple[int, int]]]
+    #: The files ``values`` held values of then.
+    files: list[str]
+    #: Every segment file the view read, with the ``(st_dev, st_ino)`` it had then
+    #: (``ValueFiles.entered``).
+    entered: dict[str, tuple[int, int]]
     #: The position of the last unit the view had applied (``Cursor.position``).
     position: UnitPos
 
@@ -95,9 +97,9 @@ def from_view(path: str, taken: Taken, inputs: list[str]) -> tuple[State, UnitPo
     (``Taken``), and their horizon as ``replay`` computes it; None when the view
     cannot serve: its handles may point into files that are not among the inputs
     (segments an earlier compaction removed while the view still held values in
-    them), which nothing keeps in place, or into a file that another file has
-    replaced under the same name (``repair`` rewrote a damaged segment: the view's
-    places are not that file's, and its state may hold records repair dropped).
+    them), which nothing keeps in place; or an input is not the file the view read
+    under that name (``repair`` rewrote a damaged segment while the store was open:
+    the view may hold records it dropped, and places in the file it replaced).
     Nothing else is read: the values the view holds
     are the encoded values of the log, and those it left in the inputs are read back
     by ``write_outputs`` (CRC-checked, as for ``replay``).
@@ -107,9 +109,12 @@ def from_view(path: str, taken: Taken, inputs: list[str]) -> tuple[State, UnitPo
     inputs begin with those outputs and no unit follows them, and the horizon is
     where the outputs end, as for a reader that entered them (``Cursor._enter``)."""
     files = {os.path.join(path, name) for name in inputs}
-    for file, ino in taken.files:
-        if file not in files:
-            return None
+    if not all(file in files for file in taken.files):
+        return None
+    for file in files:
+        ino = taken.entered.get(file)
+        if ino is None:
+            continue  # an output of the compaction before, whose inputs the view read
         try:
             st = os.stat(file)
         except FileNotFoundError:
@@ -435,6 +440,17 @@ def write_outputs(path: str, codec: Codec, state: State, max_units: int,
         if f is not None:
             f.close()
     return outputs
+
+
+def discard(path: str, outputs: list[Output], number: int) -> None:
+    """Remove outputs that will not be switched in (the compaction failed before its
+    switch began) and their hints."""
+    for out in outputs:
+        try:
+            os.unlink(out.path)
+        except FileNotFoundError:
+            pass
+    hints.remove(path, [segment_name(number, k) for k in range(1, len(outputs) + 1)])
 
 
 def switch(path: str, outputs: list[Output], number: int, inputs: list[str],

@@ -180,10 +180,16 @@ class ValueFiles:
         #: Files that have a map, oldest first; guarded by ``_mutex``.
         self._mapped: deque[ValueFile] = deque()
         self._mutex = threading.Lock()
+        #: Every file a table was made for (each segment file the view's cursor read,
+        #: values or not) -> the ``(st_dev, st_ino)`` it had: compaction takes its
+        #: state from the view only if those among its inputs are still these files
+        #: (compaction.py, ``from_view``). Written by the tailing thread (tail mutex).
+        self.entered: dict[str, tuple[int, int]] = {}
 
     def new_file(self, file: str, fd: int) -> ValueFile:
         """A table for the segment file ``file``, open at ``fd`` (the caller's)."""
         st = os.fstat(fd)
+        self.entered[file] = (st.st_dev, st.st_ino)
         return ValueFile(self, file, (st.st_dev, st.st_ino), fd)
 
     def register(self, vf: ValueFile) -> None:
@@ -278,6 +284,8 @@ class ValueFiles:
         a compaction removed them and moved the view's values to its outputs), their
         maps (they close once no reader holds them) and kept descriptors. A reader still
         holding one of their handles finds it unknown and looks again. Tail mutex held."""
+        for file in files:
+            self.entered.pop(file, None)
         with self._mutex:
             for fid, vf in list(self.files.items()):
                 if vf.file not in files:

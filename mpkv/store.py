@@ -668,8 +668,12 @@ class Store(LogView, StoreMapping):
             del state
             after = sum(o.size for o in outputs)
             with self._write_mutex:
-                self._still_open()
-                self._lock()
+                try:
+                    self._still_open()
+                    self._lock()
+                except BaseException:  # closed, LockTimeout: nothing written stays
+                    compaction.discard(self.path, outputs, number)
+                    raise
                 try:
                     compaction.switch(self.path, outputs, number, sealed,
                                       self._dirlock, horizon)
@@ -720,8 +724,8 @@ class Store(LogView, StoreMapping):
                     locked = False
                     values = self._values
                     taken = compaction.Taken(dict(self._view), values,
-                                             [(vf.file, vf.ino)
-                                              for vf in list(values.files.values())],
+                                             [vf.file for vf in list(values.files.values())],
+                                             dict(values.entered),
                                              self._cursor.position)
                     return self._cursor.name, taken
             finally:

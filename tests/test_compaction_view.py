@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def _replay_horizon(path: str, names: list[str]) -> tuple[int, int, int]:
 
 def _view_horizon(path: str, store: mpkv.Store, names: list[str]) -> tuple[int, int, int]:
     """The horizon compaction takes from ``store``'s view if ``names`` were its inputs."""
-    taken = compaction.Taken({}, ValueFiles(), [], store._cursor.position)
+    taken = compaction.Taken({}, ValueFiles(), [], {}, store._cursor.position)
     served = compaction.from_view(path, taken, names)
     assert served is not None
     return served[1]
@@ -462,3 +463,78 @@ def test_view_holding_values_in_a_segment_repair_rewrote_still_compacts(
     with mpkv.Store(path, readonly=True) as r:
         assert dict(r.items()) == model
     assert mpkv.verify(path).ok
+
+
+def test_record_repair_dropped_does_not_come_back_through_compaction_from_an_older_view(
+        tmp_path: Path) -> None:
+    """Another process repaired the store while this one had it open, dropping a
+    damaged record from a sealed segment this store's view had read (and holds no
+    value of in the file: small values only). The view is older than the repaired
+    log; compacting from it would put the dropped key back for every process. The
+    compaction replays the inputs instead: the log keeps what repair left."""
+    path = str(tmp_path / "s")
+    s = mpkv.Store(path, max_segment_bytes=LIMIT, auto_compact=False)
+    for i in range(100):
+        s[f"k{i}"] = f"v{i}-" + "s" * 40
+    s["target"] = "TARGET" * 5
+    for i in range(100, 200):
+        s[f"k{i}"] = f"v{i}-" + "s" * 40
+    found = None
+    for name in list_log(path):
+        with open(os.path.join(path, name), "rb") as f:
+            at = f.read().find(b"TARGET" * 5)
+        if at >= 0:
+            found = (os.path.join(path, name), at)
+    assert found is not None and found[0] != os.path.join(path, list_log(path)[-1])
+    flip_byte(found[0], found[1] + 3)
+    code = "import mpkv, sys\nassert mpkv.repair(sys.argv[1]).damage\n"
+    subprocess.run([sys.executable, "-c", code, path], check=True)
+    with mpkv.Store(path, readonly=True) as r:
+        repaired = dict(r.items())
+    assert "target" not in repaired
+    s.compact()
+    s.close()
+    with mpkv.Store(path, readonly=True) as r:
+        assert dict(r.items()) == repaired
+
+
+def test_compaction_that_cannot_switch_leaves_no_outputs_nor_hints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outputs are written, then the writer lock is not had within ``lock_timeout``
+    (another thread's transaction holds it): compaction raises LockTimeout and removes
+    what it wrote (temporary outputs, their hints), as for any other error; the
+    directory is as the seal left it."""
+    path = str(tmp_path / "s")
+    s = mpkv.Store(path, max_segment_bytes=LIMIT, auto_compact=False, lock_timeout=0.2)
+    for i in range(200):
+        s[f"k{i % 50}"] = f"{i}-" + "L" * (i % 300)
+    holder = mpkv.Store(path, auto_compact=False)
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with holder.transaction():
+            held.set()
+            done.wait()
+
+    real = compaction.write_outputs
+
+    def write_outputs(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        thread.start()
+        held.wait()
+        return out
+
+    thread = threading.Thread(target=hold)
+    monkeypatch.setattr(compaction, "write_outputs", write_outputs)
+    try:
+        with pytest.raises(mpkv.LockTimeout):
+            s.compact()
+    finally:
+        done.set()
+        if held.is_set():
+            thread.join()
+    aux = os.path.join(path, AUX)
+    assert not [n for n in os.listdir(aux) if n.endswith(".tmp")]
+    assert os.listdir(os.path.join(aux, hints.HINTS)) == []
+    holder.close()
+    s.close()
