@@ -873,8 +873,12 @@ def test_interrupt_prints_one_line_and_exits_130(store: Path) -> None:
     import signal
 
     ok("put", store, "k", "v")
+    # As from a terminal: SIGINT at its default in the child, whatever this process
+    # inherited (a job started in the background of a non-interactive shell, as a CI
+    # runner may start the suite, ignores SIGINT, and so would the child: it never stopped).
     proc = subprocess.Popen([*PY, "load", str(store)], stdin=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdin is not None and proc.stderr is not None
     proc.stdin.write(jsonl(1000))  # one whole chunk: committed while stdin stays open
     proc.stdin.flush()
@@ -887,8 +891,13 @@ def test_interrupt_prints_one_line_and_exits_130(store: Path) -> None:
             proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
+    try:
+        code = proc.wait(timeout=60)  # a failure, not a hang, if it goes on loading
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("mpkv load went on after SIGINT") from None
     err = proc.stderr.read()
-    code = proc.wait(timeout=30)
     assert code == 130 and "Traceback" not in err and len(err.splitlines()) == 1, (code, err)
     proc.stdin.close()
 
