@@ -467,3 +467,28 @@ def writer_process(path: str | os.PathLike[str], body: str, timeout: float = 60
     finally:
         proc.wait(timeout=timeout)
     assert proc.returncode == 0
+
+
+# ============================================================================
+# A view left holding values in segments another store compacted away
+# ============================================================================
+
+
+def view_left_on_removed_segments(path: str, segment_bytes: int, **options: Any
+                                  ) -> tuple[Any, dict[str, str]]:
+    """A store opened with ``options`` whose view holds large values (one record each,
+    left in their files) in segments that another store then compacted away, and which
+    caught up only under the writer lock (an empty transaction), where a view does not
+    rebuild. Returns the store and the state it must hold."""
+    import mpkv
+
+    store = mpkv.Store(path, max_segment_bytes=segment_bytes, auto_compact=False, **options)
+    model = {f"k{i}": f"{i}-" + "L" * 300 for i in range(40)}
+    for k, v in model.items():
+        store[k] = v
+    with mpkv.Store(path, auto_compact=False) as other:
+        other.compact()
+        other["o"] = model["o"] = "O" * 400
+    with store.transaction():
+        pass
+    return store, model

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import flip_byte
+from conftest import flip_byte, view_left_on_removed_segments
 
 import mpkv
 from mpkv import compaction, hints
@@ -251,15 +251,7 @@ def test_view_holding_values_in_removed_segments_is_not_used(
     values in the removed segments (its descriptors of them kept). Its compaction
     cannot read them back from the log, and replays its inputs instead."""
     path = str(tmp_path / "s")
-    lazy = mpkv.Store(path, max_staleness=None, max_segment_bytes=LIMIT, auto_compact=False)
-    model = {f"k{i}": f"{i}-" + "L" * 300 for i in range(40)}
-    for k, v in model.items():  # one record each: the view leaves the values in the file
-        lazy[k] = v
-    with mpkv.Store(path, auto_compact=False) as other:
-        other.compact()
-        other["o"] = model["o"] = "O" * 400
-    with lazy.transaction():
-        pass
+    lazy, model = view_left_on_removed_segments(path, LIMIT, max_staleness=None)
     assert any(not os.path.exists(vf.file) for vf in lazy._values.files.values()), \
         "the view was to keep values in the removed inputs"
     spy = ReplaySpy(monkeypatch)
@@ -398,15 +390,7 @@ def test_view_left_on_removed_segments_under_the_writer_lock_moves_before_compac
     the removed segments. Its compaction moves the view to the new files first, then
     takes the state from it: no replay, and every value is kept."""
     path = str(tmp_path / "s")
-    s = mpkv.Store(path, max_segment_bytes=LIMIT, auto_compact=False)
-    model = {f"k{i}": f"{i}-" + "L" * 300 for i in range(40)}
-    for k, v in model.items():  # one record each: the view leaves the values in the file
-        s[k] = v
-    with mpkv.Store(path, auto_compact=False) as other:
-        other.compact()
-        other["o"] = model["o"] = "O" * 400
-    with s.transaction():
-        pass
+    s, model = view_left_on_removed_segments(path, LIMIT)
     assert s._let_go, "the view was to hold values in removed segments"
     spy = ReplaySpy(monkeypatch)
     s.compact()
