@@ -259,15 +259,38 @@ def _u32s(data: bytes | memoryview, typecode: str = "I") -> array[int]:
     return out
 
 
-def parse(data: bytes, only: str | None = None) -> Hint | str:
+class _InFile:
+    """A blob of a hint left in its file (``parse`` with ``blob``): a slice is read
+    when taken."""
+
+    def __init__(self, blob: Callable[[int, int], bytes], start: int, length: int) -> None:
+        self.blob, self.start, self.length = blob, start, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, piece: slice) -> bytes:
+        start, stop, _ = piece.indices(self.length)
+        return self.blob(self.start + start, max(stop - start, 0))
+
+
+def parse(data: bytes, only: str | None = None, *, size: int | None = None,
+          blob: Callable[[int, int], bytes] | None = None) -> Hint | str:
     """The hint ``data`` holds, or what is wrong with it (a sentence). With ``only``,
     the hint is checked whole but holds the entry of that key alone (or none): a lookup
-    of one key in a large hint, without making an object per key."""
-    if len(data) < HEAD.size + 4:
-        return f"too short for a hint ({len(data)} bytes)"
+    of one key in a large hint, without making an object per key.
+
+    With ``blob`` (``only`` and joined keys alone; see ``_read_one``): ``data`` is the
+    hint up to its value blobs, ``size`` bytes in all, whose checksum the caller has
+    verified, and ``blob(offset, length)`` reads bytes of the hint further on."""
+    total = len(data) if blob is None else size
+    assert total is not None
+    if total < HEAD.size + 4:
+        return f"too short for a hint ({total} bytes)"
     if data[:8] != MAGIC:
         return "bad magic (not a hint file)"
-    if zlib.crc32(memoryview(data)[:-4]) != struct.unpack_from("<I", data, len(data) - 4)[0]:
+    if blob is None and zlib.crc32(memoryview(data)[:-4]) != struct.unpack_from(
+            "<I", data, len(data) - 4)[0]:
         return "checksum mismatch"
     (_, version, flags, inline_max, number, part, size, ino, mtime_ns, units, count, nstr,
      nraw, nref, kbytes, sbytes, bbytes) = HEAD.unpack_from(data)
@@ -280,13 +303,16 @@ def parse(data: bytes, only: str | None = None) -> Hint | str:
     pos = HEAD.size
     widths = (4 * count, count, 4 * nstr, 4 * nraw, 8 * nref, 4 * nref, 4 * nref,
               kbytes, sbytes, bbytes)
-    if pos + sum(widths) + 4 != len(data):
-        return f"the columns its counts announce do not fill its {len(data)} bytes"
-    cols = []
+    if pos + sum(widths) + 4 != total:
+        return f"the columns its counts announce do not fill its {total} bytes"
+    cols: list[Any] = []
     view = memoryview(data)  # columns without copies: a hint can be as large as its output
     for width in widths:
-        cols.append(view[pos : pos + width])
+        cols.append(view[pos : pos + width] if pos + width <= len(data) or blob is None
+                    else _InFile(blob, pos, width))
         pos += width
+    if blob is not None and not (flags & KEYS_JOINED and only is not None):
+        return "a hint read in part serves one key's lookup over joined keys alone"
     klens, kinds, slens, blens = _u32s(cols[0]), bytes(cols[1]), _u32s(cols[2]), _u32s(cols[3])
     offsets, lengths, crcs = _u32s(cols[4], "Q"), _u32s(cols[5]), _u32s(cols[6])
     if kinds.translate(None, _VALID_KINDS) or (
@@ -298,7 +324,7 @@ def parse(data: bytes, only: str | None = None) -> Hint | str:
     lazy = joined and only is not None and sum(slens) == sbytes
     try:
         ktext = str(cols[7], "utf-8")
-        stext: str | memoryview = cols[8] if lazy else str(cols[8], "utf-8")
+        stext: str | memoryview = cols[8] if lazy else str(cols[8][:], "utf-8")
     except UnicodeDecodeError:
         return "keys or values are not UTF-8"
     if (sum(klens) + (max(count - 1, 0) if joined else 0) != len(ktext)
@@ -380,6 +406,53 @@ def _entry(head: tuple[int, int, int, int, int, int, int], key: str, i: int, kin
                 crcs[j : j + 1] if in_file else array("I"))
 
 
+#: Bytes of a hint's value blobs read at a time for their checksum when one key's
+#: entry is wanted (``_read_one``).
+_STREAM = 1 << 20
+
+
+def _read_one(hfd: int, size: int, only: str) -> Hint | str | None:
+    """``parse`` of the whole hint for key ``only``, without holding the whole hint:
+    most of a hint of small values is its value blobs, which only pass through a
+    buffer of ``_STREAM`` bytes for the checksum; the one value wanted is read again
+    after. (A hint rewritten in place meanwhile could give that value unchecked: only
+    a hostile writer does that, and it could as well forge a hint with a valid
+    checksum.) None when the hint is not one of joined keys, or its header does not
+    add up: then the whole hint is read and ``parse`` says what is wrong."""
+    head = os.pread(hfd, HEAD.size, 0)
+    if len(head) < HEAD.size or head[:8] != MAGIC:
+        return None
+    fields = HEAD.unpack(head)
+    flags, sbytes, bbytes = fields[2], fields[15], fields[16]
+    end = size - 4  # where the checksum starts
+    prefix = end - sbytes - bbytes  # the header, the columns and the keys
+    if not flags & KEYS_JOINED or prefix < HEAD.size:
+        return None
+    data = os.pread(hfd, prefix, 0)
+    if len(data) != prefix:
+        return "the file ends early"
+    crc = zlib.crc32(data)
+    buf = memoryview(bytearray(max(min(_STREAM, end - prefix), 1)))
+    at = prefix
+    while at < end:
+        got = os.preadv(hfd, [buf[: min(len(buf), end - at)]], at)
+        if got <= 0:
+            return "the file ends early"
+        crc = zlib.crc32(buf[:got], crc)
+        at += got
+    tail = os.pread(hfd, 4, end)
+    if len(tail) != 4 or struct.unpack("<I", tail)[0] != crc:
+        return "checksum mismatch"
+
+    def blob(at: int, n: int) -> bytes:
+        piece = os.pread(hfd, n, at)
+        if len(piece) != n:  # cut since the checksum was read: not the hint it was
+            raise OSError(f"the hint was cut to {at + len(piece)} bytes while read")
+        return piece
+
+    return parse(data, only, size=size, blob=blob)
+
+
 def read(path: str, name: str, number: int, part: int, fd: int,
          max_bytes: int | None = None, only: str | None = None) -> Hint | str:
     """The hint of output ``name`` (``number.part``) open at ``fd``, checked against
@@ -399,12 +472,13 @@ def read(path: str, name: str, number: int, part: int, fd: int,
         hsize = os.fstat(hfd).st_size
         if hsize > cap:
             return f"larger ({hsize} bytes) than any hint of its output"
-        data = os.pread(hfd, cap + 1, 0)
+        hint = None if only is None else _read_one(hfd, hsize, only)
+        if hint is None:
+            hint = parse(os.pread(hfd, cap + 1, 0), only)
     except OSError as exc:
         return f"unreadable: {exc}"
     finally:
         os.close(hfd)
-    hint = parse(data, only)
     if isinstance(hint, str):
         return hint
     if (hint.number, hint.part) != (number, part):

@@ -334,3 +334,53 @@ def test_a_hints_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
     with pytest.raises(mpkv.FormatError, match="hints"):
         mpkv.Store(path)
     assert [p.name for p in outside.iterdir()] == [_outputs(path)[0]]
+
+
+def _small_values_store(path: str) -> tuple[str, dict[str, bytes]]:
+    """A compacted store of 60,000 keys with 100-byte values (all inline in its hint,
+    whose value blob is most of it); its one output's hint and its items."""
+    items = {f"k{i}": bytes([i % 251]) * 100 for i in range(60_000)}
+    with mpkv.Store(path, auto_compact=False) as s:
+        s.update(items)
+        s.compact()
+    (output,) = _outputs(path)
+    return hints.hint_path(path, output), items
+
+
+def test_one_key_lookup_does_not_hold_the_whole_hint(tmp_path: Path) -> None:
+    # mpkv get read the whole hint into one bytes object to check its checksum: most
+    # of it values it does not want (116 MB for 1M keys x 100 B)
+    import tracemalloc
+
+    path = str(tmp_path / "s")
+    hint, items = _small_values_store(path)
+    size = os.path.getsize(hint)
+    tracemalloc.start()
+    try:
+        with mpkv.store.KeyReader(path, "k12345") as reader:
+            got = reader.get("k12345")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == items["k12345"]
+    assert peak < size * 3 // 4, f"{peak} bytes traced for a hint of {size}"
+
+
+@pytest.mark.parametrize("where", ["value blob", "key blob", "checksum"])
+def test_one_key_lookup_checks_the_whole_hint(tmp_path: Path, where: str) -> None:
+    # a lookup that reads the value blobs in passing must still check every byte
+    path = str(tmp_path / "s")
+    hint, items = _small_values_store(path)
+    data = bytearray(Path(hint).read_bytes())
+    fields = hints.HEAD.unpack_from(data)
+    values_at = len(data) - 4 - fields[15] - fields[16]
+    at = {"value blob": values_at + 100 * 12345 + 7, "key blob": values_at - 3,
+          "checksum": len(data) - 1}[where]
+    data[at] ^= 0x01
+    st = os.stat(hint)
+    Path(hint).write_bytes(bytes(data))
+    os.utime(hint, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with SegmentReads() as reads, mpkv.store.KeyReader(path, "k12345") as reader:
+        got = reader.get("k12345")
+    assert reads.files, "the damaged hint was used: its output was not replayed"
+    assert got == items["k12345"]
