@@ -353,7 +353,7 @@ class Placed(NamedTuple):
 
     def file_kinds(self) -> bytes:
         """``STR_VALUE`` or ``BYTES_VALUE`` for each value in the output, in order."""
-        return self.kinds.translate(hints.FILE_KIND, hints.INLINE_KINDS)
+        return hints.file_kinds(self.kinds)
 
 
 def write_outputs(path: str, codec: Codec, state: State, max_units: int,
@@ -426,13 +426,10 @@ def write_outputs(path: str, codec: Codec, state: State, max_units: int,
                 f.close()  # flushes what is buffered: may fail again on a full disk
             except OSError:
                 pass
-        for gone in [o.path for o in outputs] + ([tmp] if tmp else []):
-            try:
-                os.unlink(gone)
-            except FileNotFoundError:
-                pass
-        if number is not None and outputs:
-            hints.remove(path, [segment_name(number, k) for k in range(1, len(outputs) + 1)])
+        files = [o.path for o in outputs]
+        if tmp and tmp not in files:  # the part being written (its hint may be too)
+            files.append(tmp)
+        discard(path, files, number)
         raise
     finally:
         batches.close()
@@ -442,15 +439,16 @@ def write_outputs(path: str, codec: Codec, state: State, max_units: int,
     return outputs
 
 
-def discard(path: str, outputs: list[Output], number: int) -> None:
-    """Remove outputs that will not be switched in (the compaction failed before its
-    switch began) and their hints."""
-    for out in outputs:
+def discard(path: str, files: list[str], number: int | None) -> None:
+    """Remove the output files of a compaction that failed before its switch began,
+    and (with ``number``, the compaction's) the hints of as many parts."""
+    for file in files:
         try:
-            os.unlink(out.path)
+            os.unlink(file)
         except FileNotFoundError:
             pass
-    hints.remove(path, [segment_name(number, k) for k in range(1, len(outputs) + 1)])
+    if number is not None:
+        hints.remove(path, [segment_name(number, k) for k in range(1, len(files) + 1)])
 
 
 def switch(path: str, outputs: list[Output], number: int, inputs: list[str],

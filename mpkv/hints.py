@@ -52,13 +52,17 @@ _STR_KINDS = (INLINE_STR, FILE_STR)  # by "is the value in the file"
 _VALID_KINDS = bytes([INLINE_STR, INLINE_BYTES, FILE_STR, FILE_BYTES])
 #: kinds of the in-file entries, as ``keydir.ValueFile`` counts them
 _FILE_KIND = bytes.maketrans(bytes([FILE_STR, FILE_BYTES]), bytes([STR_VALUE, BYTES_VALUE]))
-#: For code outside this module: the table above, and the kinds of inline entries.
-FILE_KIND, INLINE_KINDS = _FILE_KIND, bytes([INLINE_STR, INLINE_BYTES])
 _TMP_PREFIX = ".hint-"
 #: What ``read`` says when there is no hint, and how it starts saying that a hint
 #: belongs to another file (stale, not damaged).
 MISSING = "missing"
 STALE = "describes another"
+
+
+def file_kinds(kinds: bytes) -> bytes:
+    """``STR_VALUE`` or ``BYTES_VALUE`` for each value in the output, from the hint
+    kinds of all items (the inline ones dropped)."""
+    return kinds.translate(_FILE_KIND, bytes([INLINE_STR, INLINE_BYTES]))
 
 
 def hint_path(path: str, name: str) -> str:
@@ -237,7 +241,7 @@ class Hint:
 
     def file_kinds(self) -> bytes:
         """``STR_VALUE`` or ``BYTES_VALUE`` for each value in the output, in key order."""
-        return self.kinds.translate(_FILE_KIND, bytes([INLINE_STR, INLINE_BYTES]))
+        return file_kinds(self.kinds)
 
     def values(self, in_file: Iterable[Any]) -> list[Any]:
         """The values in key order: the inline ones, and the next of ``in_file`` in

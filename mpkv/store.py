@@ -55,7 +55,6 @@ from .segments import (
     parse_name,
     read_intent,
     read_meta,
-    segment_name,
     truncate_log,
     written_format,
 )
@@ -665,8 +664,8 @@ class Store(LogView, StoreMapping):
             outputs = compaction.write_outputs(self.path, self._codec, state,
                                                self.max_segment_bytes, number, placed)
             # A replayed state's keys and handles must not be alive beside the view
-            # rebuilt below; a copy of the view is kept to point the view's handles.
-            copy = state if placed is not None else None
+            # rebuilt after the switch; a copy of the view points the view's handles.
+            moving = None if placed is None else (state, placed)
             del state
             after = sum(o.size for o in outputs)
             with self._write_mutex:
@@ -674,31 +673,14 @@ class Store(LogView, StoreMapping):
                     self._still_open()
                     self._lock()
                 except BaseException:  # closed, LockTimeout: nothing written stays
-                    compaction.discard(self.path, outputs, number)
+                    compaction.discard(self.path, [o.path for o in outputs], number)
                     raise
                 try:
                     compaction.switch(self.path, outputs, number, sealed,
                                       self._dirlock, horizon)
                 finally:
                     self._unlock()
-                # Let go of the inputs (maps, kept descriptors): the view's values move
-                # to the outputs (other writers are not held meanwhile): its handles
-                # are pointed into them when the view gave the state, else the view is
-                # rebuilt, unless only refresh() may move it.
-                moved = False
-                if copy is not None and placed is not None:
-                    names = [segment_name(number, k) for k in range(1, len(placed) + 1)]
-                    try:
-                        with self._tail_mutex:
-                            moved = self._repoint(copy.view, copy.files, sealed,
-                                                  list(zip(names, placed, strict=True)))
-                    except OSError:  # an output could not be opened: rebuild instead
-                        moved = False
-                del copy, placed
-                if not moved and self.max_staleness is not None:
-                    with self._tail_mutex:
-                        if self._holds_values_in(sealed):
-                            self._rebuild()
+                self._leave_inputs(sealed, number, moving)
         finally:
             lock.release()
         return {"segments_before": len(sealed), "segments_after": len(outputs),

@@ -26,13 +26,22 @@ from typing import Any, NamedTuple, TypeVar
 from . import hints
 from .codec import BYTES_VALUE, STR_VALUE, Batch, Codec, Value, apply
 from .common import fork_epoch
-from .compaction import Placed
+from .compaction import Placed, State
 from .errors import Error
 from .files import open_regular
 from .keydir import Moved, ValueFiles
 from .locks import DirLock
 from .mapping import MISSING
-from .segments import Cursor, Limit, Meta, NeedReload, list_log, parse_name, read_intent
+from .segments import (
+    Cursor,
+    Limit,
+    Meta,
+    NeedReload,
+    list_log,
+    parse_name,
+    read_intent,
+    segment_name,
+)
 from .shm import SharedState
 
 T = TypeVar("T")
@@ -221,6 +230,28 @@ class LogView:
         """Does the view hold values in any of these segments of the log? Tail mutex held."""
         files = {os.path.join(self.path, name) for name in names}
         return any(vf.file in files for vf in list(self._values.files.values()))
+
+    def _leave_inputs(self, inputs: list[str], number: int,
+                      moving: tuple[State, list[Placed]] | None) -> None:
+        """After this store's compaction ``number`` switched ``inputs`` out: let go of
+        them (maps, kept descriptors). The view's handles are pointed into the outputs
+        when the view gave the state (``moving``: its copy, and where each output put
+        the values); else the view is rebuilt, unless only refresh() may move it. Other
+        writers are not held meanwhile."""
+        if moving is not None:
+            copy, placed = moving
+            names = [segment_name(number, k) for k in range(1, len(placed) + 1)]
+            try:
+                with self._tail_mutex:
+                    if self._repoint(copy.view, copy.files, inputs,
+                                     list(zip(names, placed, strict=True))):
+                        return
+            except OSError:  # an output could not be opened: rebuild instead
+                pass
+        if self.max_staleness is not None:
+            with self._tail_mutex:
+                if self._holds_values_in(inputs):
+                    self._rebuild()
 
     def _repoint(self, state: dict[str, Value | int], values: ValueFiles, inputs: list[str],
                  outputs: list[tuple[str, Placed]]) -> bool:
