@@ -16,6 +16,7 @@ import fcntl
 import os
 import secrets
 import stat
+from collections.abc import Callable
 
 from .errors import FormatError
 
@@ -171,20 +172,26 @@ def write_atomically(file: str, data: bytes, *, follow_link: bool = False) -> No
     fsync_dir(folder)
 
 
+def place_new(folder: str, name: str, suffix: str, put: Callable[[str], None]) -> str:
+    """``put(target)`` for the first name in ``folder`` that ``put`` finds free (it
+    raises FileExistsError when the name is taken): ``name+suffix``, else
+    ``name.1+suffix``, ``name.2+suffix``...; the folder fsynced. Never overwrites."""
+    for k in range(1_000_000):
+        target = os.path.join(folder, f"{name}{f'.{k}' if k else ''}{suffix}")
+        try:
+            put(target)
+        except FileExistsError:
+            continue
+        fsync_dir(folder)
+        return target
+    raise FormatError(f"{folder}: no free name for {name}{suffix}")
+
+
 def save_new(folder: str, name: str, suffix: str, data: bytes) -> str:
-    """Write ``data`` (fsynced) under a name in ``folder`` that did not exist:
-    ``name+suffix``, else ``name.1+suffix``, ``name.2+suffix``... Never overwrites:
-    the file is linked into place, which fails when the name is taken."""
+    """Write ``data`` (fsynced) under a name in ``folder`` that did not exist
+    (``place_new``): the file is linked into place, which fails when the name is taken."""
     tmp = write_temp(folder, ".mpkv-tmp-", data)
     try:
-        for k in range(1_000_000):
-            target = os.path.join(folder, f"{name}{f'.{k}' if k else ''}{suffix}")
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                continue
-            fsync_dir(folder)
-            return target
-        raise FormatError(f"{folder}: no free name for {name}{suffix}")
+        return place_new(folder, name, suffix, lambda target: os.link(tmp, target))
     finally:
         os.unlink(tmp)

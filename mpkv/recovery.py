@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from . import compaction, hints
 from .codec import BYTES_VALUE, STR_VALUE, Codec, Puts, ops_of
 from .errors import CorruptionError, Error, FormatError
-from .files import fsync_dir, make_dir, open_regular, read_capped, save_new, write_atomically
+from .files import (
+    fsync_dir,
+    make_dir,
+    open_regular,
+    place_new,
+    read_capped,
+    save_new,
+    write_atomically,
+)
 from .locks import CompactionLock, DirLock, WriterLock
 from .segments import (
     AUX,
@@ -458,22 +466,19 @@ def _move_aside(path: str, file: str, name: str) -> str:
     folder = os.path.join(path, AUX, QUARANTINE)
     make_dir(folder)
     is_dir = stat.S_ISDIR(os.lstat(file).st_mode)
-    for k in range(1_000_000):
-        target = os.path.join(folder, f"{name}{f'.{k}' if k else ''}.bad")
-        if os.path.lexists(target):
-            continue
-        try:
-            if is_dir:
-                os.rename(file, target)
-            else:
-                os.link(file, target, follow_symlinks=False)
-                os.unlink(file)
-        except FileExistsError:
-            continue
-        fsync_dir(folder)
-        fsync_dir(os.path.dirname(file))
-        return target
-    raise FormatError(f"{folder}: no free name for {name}.bad")
+
+    def put(target: str) -> None:
+        if is_dir:
+            if os.path.lexists(target):  # rename would replace an empty folder
+                raise FileExistsError(target)
+            os.rename(file, target)
+        else:
+            os.link(file, target, follow_symlinks=False)
+            os.unlink(file)
+
+    target = place_new(folder, name, ".bad", put)
+    fsync_dir(os.path.dirname(file))
+    return target
 
 
 def _save(path: str, name: str, data: bytes) -> str:
